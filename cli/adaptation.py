@@ -1,0 +1,140 @@
+"""Sub-commands over `core.adaptation`: tokenizer stats, vocab build, embed init, propagate.
+
+Every command writes its output directory atomically and prints one JSON line describing the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from core.adaptation.corpus import require_documents
+from core.adaptation.fsutil import atomic_output_dir
+from core.adaptation.init import INIT_METHODS
+from core.adaptation.propagate import VARIANTS, propagate_embeddings
+from core.adaptation.sources import load_model, load_tokenizer, save_pretrained
+from core.adaptation.surgery import change_vocabulary
+from core.adaptation.vocab import METHODS, VocabOptions, build_vocab
+from core.adaptation.vocab.common import count_tokens
+
+
+def _emit(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload, ensure_ascii=False), flush=True)
+
+
+def _write_json(path: str, payload: Any) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, ensure_ascii=False, indent=2)
+
+
+def tokenizer_stats(args: argparse.Namespace) -> None:
+    tokenizer = load_tokenizer(args.tokenizer)
+    texts = list(require_documents(args.corpus, limit_chars=args.limit_chars))
+    chars, tokens = sum(len(text) for text in texts), count_tokens(tokenizer, texts)
+    _emit({"chars": chars, "tokens": tokens, "chars_per_token": round(chars / tokens, 4) if tokens else 0.0})
+
+
+def vocab_build(args: argparse.Namespace) -> None:
+    options = VocabOptions(
+        vocab_size=args.vocab_size,
+        new_tokens=args.new_tokens,
+        keep_tokens=args.keep_tokens,
+        keep_by=args.keep_by,
+        priority=args.priority,
+        train_chars=args.train_chars,
+        heldout_chars=args.heldout_chars,
+        heldout_path=args.heldout,
+        source_corpus=args.source_corpus,
+    )
+    source = load_tokenizer(args.source)
+    with atomic_output_dir(args.out) as tmp:
+        result = build_vocab(args.method, source, args.corpus, options)
+        result.tokenizer.save_pretrained(tmp)
+        report = result.report.to_dict()
+        _write_json(os.path.join(tmp, "vocab_report.json"), report)
+        if result.removed:
+            _write_json(os.path.join(tmp, "removed_tokens.json"), result.removed)
+    _emit(report)
+
+
+def embed_init(args: argparse.Namespace) -> None:
+    model, old_tokenizer = load_model(args.model)
+    new_tokenizer = load_tokenizer(args.tokenizer)
+    with atomic_output_dir(args.out) as tmp:
+        mapping = change_vocabulary(model, old_tokenizer, new_tokenizer, init=args.init, seed=args.seed)
+        save_pretrained(model, new_tokenizer, tmp)
+    _emit(
+        {
+            "init": args.init,
+            "vocab_size": mapping.new_size,
+            "copied_tokens": len(mapping.overlap),
+            "initialised_tokens": len(mapping.new_ids),
+            "out": os.path.abspath(args.out),
+        }
+    )
+
+
+def propagate(args: argparse.Namespace) -> None:
+    base, base_tokenizer = load_model(args.base)
+    adapted, adapted_tokenizer = load_model(args.adapted_base)
+    instruct, instruct_tokenizer = load_model(args.instruct)
+    with atomic_output_dir(args.out) as tmp:
+        tokenizer, report = propagate_embeddings(
+            base=base,
+            base_tokenizer=base_tokenizer,
+            adapted=adapted,
+            adapted_tokenizer=adapted_tokenizer,
+            instruct=instruct,
+            instruct_tokenizer=instruct_tokenizer,
+            variant=args.variant,
+        )
+        save_pretrained(instruct, tokenizer, tmp)
+    _emit({**report.__dict__, "out": os.path.abspath(args.out)})
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer utilities")
+    tokenizer_cmds = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    stats = tokenizer_cmds.add_parser("stats", help="chars per token of a tokenizer on a corpus")
+    stats.add_argument("--tokenizer", required=True, help="shortcut, HF dir, .gguf, SentencePiece or tiktoken file")
+    stats.add_argument("--corpus", required=True, help=".txt or .jsonl, optionally .xz / .gz")
+    stats.add_argument("--limit-chars", type=int, default=None)
+    stats.set_defaults(handler=tokenizer_stats)
+
+    vocab = commands.add_parser("vocab", help="target-language vocabularies")
+    vocab_cmds = vocab.add_subparsers(dest="vocab_command", required=True, metavar="COMMAND")
+    build = vocab_cmds.add_parser("build", help="build a vocabulary by one of the paper's methods")
+    build.add_argument("--method", required=True, choices=sorted(METHODS))
+    build.add_argument("--source", required=True, help="source tokenizer spec")
+    build.add_argument("--corpus", required=True, help="target-language training corpus")
+    build.add_argument("--vocab-size", type=int, help="total size of a replacing vocabulary (bpe, unigram)")
+    build.add_argument("--new-tokens", type=int, help="M: size of the target BPE to add (extended, optimized)")
+    build.add_argument("--keep-tokens", type=int, help="N: source tokens kept by optimized")
+    build.add_argument("--keep-by", choices=["frequency", "first-ids"], default="frequency")
+    build.add_argument("--priority", choices=["new-first", "old-first"], default="new-first")
+    build.add_argument("--source-corpus", help="source-language sample for optimized's token frequencies")
+    build.add_argument("--heldout", help="held-out corpus for chars/token (default: the corpus's first chars)")
+    build.add_argument("--heldout-chars", type=int, default=200_000)
+    build.add_argument("--train-chars", type=int, default=None, help="train on at most this many characters")
+    build.add_argument("--out", required=True)
+    build.set_defaults(handler=vocab_build)
+
+    embed = commands.add_parser("embed", help="embedding initialisation")
+    embed_cmds = embed.add_subparsers(dest="embed_command", required=True, metavar="COMMAND")
+    init = embed_cmds.add_parser("init", help="switch a model to a new vocabulary, initialising new tokens")
+    init.add_argument("--model", required=True, help="model spec (shortcut, HF dir, .gguf)")
+    init.add_argument("--tokenizer", required=True, help="the new tokenizer (e.g. a `vocab build` output)")
+    init.add_argument("--init", required=True, choices=sorted(INIT_METHODS))
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", required=True)
+    init.set_defaults(handler=embed_init)
+
+    lep = commands.add_parser("propagate", help="Learned Embedding Propagation into an instruct model")
+    lep.add_argument("--base", required=True, help="original base model B (old vocabulary)")
+    lep.add_argument("--adapted-base", required=True, help="adapted base model B' (new vocabulary)")
+    lep.add_argument("--instruct", required=True, help="instruct model I (old vocabulary)")
+    lep.add_argument("--variant", required=True, choices=VARIANTS)
+    lep.add_argument("--out", required=True)
+    lep.set_defaults(handler=propagate)

@@ -1,0 +1,36 @@
+"""`langadapt` command line: one sub-command group per area; adaptation commands live in `cli.adaptation`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cli import adaptation
+from core.adaptation.errors import AdaptationInputError
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="langadapt", description="Language adaptation of LLMs: vocabularies, embedding init, LEP."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    adaptation.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except AdaptationInputError as exc:
+        print(f"langadapt: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Streaming corpus readers: `.txt` (one document per non-empty line) and `.jsonl` (a `text` field per line),
+each optionally `.xz` / `.gz` compressed. Never reads a whole file into memory."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+
+from core.adaptation.errors import AdaptationInputError
+
+_OPENERS = {".xz": lzma.open, ".gz": gzip.open}
+
+
+@dataclass(frozen=True)
+class CorpusStats:
+    documents: int
+    chars: int
+
+
+def _split_suffixes(path: str) -> tuple[str, str | None]:
+    """Return (format suffix, compression suffix), e.g. ('.jsonl', '.xz')."""
+    root, ext = os.path.splitext(path)
+    compression = ext if ext in _OPENERS else None
+    if compression:
+        root, ext = os.path.splitext(root)
+    return ext.lower(), compression
+
+
+def _open_text(path: str) -> IO[str]:
+    if not os.path.isfile(path):
+        raise AdaptationInputError(f"corpus file not found: {path}")
+    _, compression = _split_suffixes(path)
+    opener = _OPENERS.get(compression or "", open)
+    # errors="strict": non-UTF-8 data must fail loudly, not be silently replaced.
+    return opener(path, "rt", encoding="utf-8", errors="strict")  # type: ignore[operator]
+
+
+def iter_documents(path: str, *, limit_chars: int | None = None) -> Iterator[str]:
+    """Yield the documents of a corpus file one by one.
+
+    `.jsonl`: one JSON object per line, its `text` field is the document. Anything else is plain text with one
+    document per non-empty line. Stops after `limit_chars` characters (the last document is cut to fit).
+    Raises `AdaptationInputError` for a missing, compressed-but-corrupt, binary or non-UTF-8 file, or a `.jsonl`
+    line without a string `text` field.
+    """
+    fmt, compression = _split_suffixes(path)
+    produced = 0
+    try:
+        with _open_text(path) as stream:
+            for line_no, line in enumerate(stream, start=1):
+                if "\x00" in line:
+                    raise AdaptationInputError(f"{path}: binary data (NUL byte) on line {line_no}")
+                if fmt == ".jsonl":
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise AdaptationInputError(f"{path}: line {line_no} is not valid JSON ({exc.msg})") from None
+                    text = record.get("text") if isinstance(record, dict) else None
+                    if not isinstance(text, str):
+                        raise AdaptationInputError(f"{path}: line {line_no} has no string 'text' field")
+                else:
+                    text = line.rstrip("\n")
+                if not text.strip():
+                    continue
+                if limit_chars is not None and produced + len(text) >= limit_chars:
+                    yield text[: limit_chars - produced]
+                    return
+                produced += len(text)
+                yield text
+    except UnicodeDecodeError as exc:
+        raise AdaptationInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (lzma.LZMAError, gzip.BadGzipFile, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        kind = compression or "file"
+        raise AdaptationInputError(f"{path}: unreadable {kind} data ({exc})") from None
+
+
+def require_documents(path: str, *, limit_chars: int | None = None) -> Iterator[str]:
+    """Like `iter_documents`, but raises `AdaptationInputError` if the corpus holds no text at all."""
+    docs = iter_documents(path, limit_chars=limit_chars)
+    first = next(docs, None)
+    if first is None:
+        raise AdaptationInputError(f"{path}: corpus is empty (no non-blank documents)")
+
+    def chained() -> Iterator[str]:
+        yield first
+        yield from docs
+
+    return chained()
+
+
+def corpus_stats(path: str, *, limit_chars: int | None = None) -> CorpusStats:
+    documents = chars = 0
+    for doc in iter_documents(path, limit_chars=limit_chars):
+        documents += 1
+        chars += len(doc)
+    return CorpusStats(documents=documents, chars=chars)

@@ -1,0 +1,9 @@
+"""Errors a user can cause (bad input), as opposed to bugs or system faults.
+
+The CLI turns an `AdaptationInputError` into a one-line message and exit code 2; later the job service maps it
+to a 4xx / a failed job of kind `user`.
+"""
+
+
+class AdaptationInputError(ValueError):
+    """The input (file, corpus, tokenizer, model, option) is unusable; the message names the problem."""

@@ -1,0 +1,24 @@
+"""New-token initialisation methods: one function each, same signature (`InitFn`), picked by name.
+
+An init function returns rows for the *new* tokens only (those with no counterpart in the old vocabulary);
+overlapping tokens always copy their old rows exactly (see `core.adaptation.surgery`). Adding SALT or FOCUS is one
+module with one function registered here.
+"""
+
+from __future__ import annotations
+
+from core.adaptation.errors import AdaptationInputError
+from core.adaptation.init.base import InitContext, InitFn
+from core.adaptation.init.mean import mean_init
+from core.adaptation.init.random import random_init
+
+INIT_METHODS: dict[str, InitFn] = {"mean": mean_init, "random": random_init}
+
+
+def get_init(name: str) -> InitFn:
+    if name not in INIT_METHODS:
+        raise AdaptationInputError(f"unknown init method '{name}' (choose from {', '.join(INIT_METHODS)})")
+    return INIT_METHODS[name]
+
+
+__all__ = ["INIT_METHODS", "InitContext", "InitFn", "get_init"]

@@ -1,0 +1,28 @@
+"""The contract every initialisation method follows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from core.adaptation.mapping import VocabMapping
+from core.adaptation.tokens import Vocabulary
+
+
+@dataclass(frozen=True)
+class InitContext:
+    """What an init method may look at. `old_rows`: [V_old, d], one matrix (input embeddings or output head)."""
+
+    old_rows: torch.Tensor
+    mapping: VocabMapping
+    old_vocab: Vocabulary
+    new_vocab: Vocabulary
+    generator: torch.Generator
+
+
+class InitFn(Protocol):
+    def __call__(self, ctx: InitContext, new_ids: torch.Tensor) -> torch.Tensor:
+        """Rows for `new_ids` ([n] new-vocabulary ids): a float64 tensor [n, d]."""
+        ...

@@ -1,0 +1,193 @@
+"""Learned Embedding Propagation (LEP; Tikhomirov & Chernyshev 2024, arXiv 2412.21140).
+
+Inputs: the original base model B (old vocabulary), the adapted base model B' (new vocabulary, embeddings learned
+by continued pretraining) and the instruct model I (old vocabulary, same architecture as B). Output: I' = I's
+transformer layers with new-vocabulary input embeddings and LM head.
+
+Every variant has one form, applied separately to the input embedding matrix E and the output head H:
+
+    E_I' = E_B' · P        E_B': [V_new, d],  P: [d, d]
+
+where P maps the base model's embedding space into the instruct model's:
+
+- `swap`:       P = identity: the adapted base rows as they are.
+- `overlap`:    P = argmin ||E_B[S] · P - E_I[S]||², S = old-vocabulary ids of the tokens that also exist in the
+                new vocabulary (matched by decoded text, `TokenKey`).
+- `conversion`: Ê_B = A · E_B and Ê_I = A · E_I express both old matrices in the new vocabulary the way mean
+                initialisation does (A averages the old rows of each new token's old tokenisation, special tokens
+                matched by name; see `VocabMapping`), then P = argmin ||Ê_B · P - Ê_I||².
+
+Least squares are solved in float64 (`torch.linalg.lstsq`) and cast back. With I = B every variant gives
+P = identity, so I' = B'; with E_I = E_B · Q for an invertible Q, `overlap` and `conversion` recover Q.
+
+Special and added tokens of I's tokenizer (chat-template tokens such as `<|im_start|>`) are carried into the output
+tokenizer with their rows copied from I, and I's chat template and special-token roles are kept.
+
+Propagation is a list of steps over I'; `propagate_embeddings` is the first. The transformer-layer delta learned
+during CPT (e.g. a LoRA on the base merged into I with a scale) is added as one more step function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from tokenizers import AddedToken, Tokenizer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from core.adaptation.errors import AdaptationInputError
+from core.adaptation.mapping import VocabMapping
+from core.adaptation.surgery import check_tokenizer_matches, has_tied_head, set_vocab_rows
+from core.adaptation.tokens import Vocabulary
+
+Variant = Literal["swap", "overlap", "conversion"]
+VARIANTS: tuple[Variant, ...] = ("swap", "overlap", "conversion")
+
+
+def solve_projection(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """P: [d, d] = argmin ||source · P - target||² in float64 (source, target: [n, d])."""
+    return torch.linalg.lstsq(source.to(torch.float64), target.to(torch.float64)).solution
+
+
+def projection(
+    variant: Variant, base_rows: torch.Tensor, instruct_rows: torch.Tensor, mapping: VocabMapping
+) -> torch.Tensor:
+    """The d x d float64 projection of `variant` from base rows E_B to instruct rows E_I (both [V_old, d])."""
+    d = base_rows.shape[1]
+    if variant == "swap":
+        return torch.eye(d, dtype=torch.float64)
+    if variant == "overlap":
+        _, old_ids = mapping.overlap_index()
+        if len(old_ids) == 0:
+            raise AdaptationInputError("variant 'overlap' needs tokens shared by the old and new vocabularies; none")
+        return solve_projection(base_rows[old_ids], instruct_rows[old_ids])
+    if variant == "conversion":
+        return solve_projection(mapping.mean_rows(base_rows), mapping.mean_rows(instruct_rows))
+    raise AdaptationInputError(f"unknown LEP variant '{variant}' (choose from {', '.join(VARIANTS)})")
+
+
+def propagate_rows(
+    variant: Variant,
+    base_rows: torch.Tensor,
+    adapted_rows: torch.Tensor,
+    instruct_rows: torch.Tensor,
+    mapping: VocabMapping,
+) -> torch.Tensor:
+    """E_I' = E_B' · P for one matrix; returns [V_new, d] in the instruct rows' dtype."""
+    vocab = mapping.old_size
+    p = projection(variant, base_rows[:vocab], instruct_rows[:vocab], mapping)
+    return (adapted_rows[: mapping.new_size].to(torch.float64) @ p).to(instruct_rows.dtype)
+
+
+@dataclass(frozen=True)
+class PropagationReport:
+    variant: Variant
+    vocab_size: int
+    overlapping_tokens: int
+    carried_special_tokens: list[str]
+    tied: bool
+
+
+def _check_compatible(base: PreTrainedModel, adapted: PreTrainedModel, instruct: PreTrainedModel) -> None:
+    b, a, i = base.config, adapted.config, instruct.config
+    if (b.hidden_size, b.num_hidden_layers) != (i.hidden_size, i.num_hidden_layers):
+        raise AdaptationInputError("the base and instruct models have different architectures")
+    if a.hidden_size != b.hidden_size:
+        raise AdaptationInputError("the adapted base model's hidden size differs from the base model's")
+    if base.get_input_embeddings().weight.shape != instruct.get_input_embeddings().weight.shape:
+        raise AdaptationInputError("the base and instruct models have different vocabularies (embedding shapes)")
+
+
+def output_tokenizer(
+    adapted_tokenizer: PreTrainedTokenizerBase, instruct_tokenizer: PreTrainedTokenizerBase
+) -> tuple[PreTrainedTokenizerFast, list[str]]:
+    """B''s tokenizer plus I's added tokens it lacks, with I's chat template and special-token roles.
+
+    Returns the tokenizer and the added tokens of I (content strings) whose rows must come from I.
+    """
+    backend = Tokenizer.from_str(adapted_tokenizer.backend_tokenizer.to_str())
+    carried = [tok for _, tok in sorted(instruct_tokenizer.added_tokens_decoder.items())]
+    vocab = backend.get_vocab(with_added_tokens=True)
+    missing = [tok for tok in carried if tok.content not in vocab]
+    if missing:
+        backend.add_special_tokens([AddedToken(tok.content, special=tok.special, normalized=False) for tok in missing])
+    roles = {}
+    for role in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = getattr(instruct_tokenizer, role, None) or getattr(adapted_tokenizer, role, None)
+        if value is not None:
+            roles[role] = str(value)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
+    tokenizer.chat_template = instruct_tokenizer.chat_template
+    tokenizer.model_max_length = instruct_tokenizer.model_max_length
+    return tokenizer, [tok.content for tok in carried]
+
+
+def propagate_embeddings(
+    *,
+    base: PreTrainedModel,
+    base_tokenizer: PreTrainedTokenizerBase,
+    adapted: PreTrainedModel,
+    adapted_tokenizer: PreTrainedTokenizerBase,
+    instruct: PreTrainedModel,
+    instruct_tokenizer: PreTrainedTokenizerBase,
+    variant: Variant,
+) -> tuple[PreTrainedTokenizerFast, PropagationReport]:
+    """Give `instruct` (in place) the new vocabulary's embeddings and head by LEP `variant`.
+
+    The transformer layers of `instruct` are not touched. Returns I''s tokenizer and a report.
+    """
+    if variant not in VARIANTS:
+        raise AdaptationInputError(f"unknown LEP variant '{variant}' (choose from {', '.join(VARIANTS)})")
+    _check_compatible(base, adapted, instruct)
+    check_tokenizer_matches(base, base_tokenizer, "base model")
+    check_tokenizer_matches(adapted, adapted_tokenizer, "adapted base model")
+    check_tokenizer_matches(instruct, instruct_tokenizer, "instruct model")
+    mapping = VocabMapping.build(Vocabulary(base_tokenizer), Vocabulary(adapted_tokenizer))
+    tokenizer, carried = output_tokenizer(adapted_tokenizer, instruct_tokenizer)
+
+    def matrices(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = model.get_input_embeddings().weight.detach()
+        return embeddings, (embeddings if has_tied_head(model) else model.get_output_embeddings().weight.detach())
+
+    (e_b, h_b), (e_a, h_a), (e_i, h_i) = matrices(base), matrices(adapted), matrices(instruct)
+    tied = has_tied_head(instruct)
+    embeddings = propagate_rows(variant, e_b, e_a, e_i, mapping)
+    head = None if tied else propagate_rows(variant, h_b, h_a, h_i, mapping)
+    embeddings, head = _with_carried_rows(tokenizer, instruct_tokenizer, carried, embeddings, head, e_i, h_i)
+    set_vocab_rows(instruct, embeddings, head)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for config in (instruct.config, instruct.generation_config):
+            if config is not None and getattr(tokenizer, name, None) is not None:
+                setattr(config, name, getattr(tokenizer, name))
+    report = PropagationReport(
+        variant=variant,
+        vocab_size=len(tokenizer),
+        overlapping_tokens=len(mapping.overlap),
+        carried_special_tokens=carried,
+        tied=tied,
+    )
+    return tokenizer, report
+
+
+def _with_carried_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    instruct_tokenizer: PreTrainedTokenizerBase,
+    carried: list[str],
+    embeddings: torch.Tensor,
+    head: torch.Tensor | None,
+    instruct_embeddings: torch.Tensor,
+    instruct_head: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grow the matrices to the output tokenizer's size and copy I's rows for its added/special tokens."""
+    size = len(tokenizer)
+    if size > embeddings.shape[0]:
+        pad = embeddings.new_zeros(size - embeddings.shape[0], embeddings.shape[1])
+        embeddings = torch.cat([embeddings, pad])
+        head = None if head is None else torch.cat([head, pad])
+    new_ids = torch.tensor(tokenizer.convert_tokens_to_ids(carried), dtype=torch.long)
+    old_ids = torch.tensor(instruct_tokenizer.convert_tokens_to_ids(carried), dtype=torch.long)
+    embeddings[new_ids] = instruct_embeddings[old_ids]
+    if head is not None:
+        head[new_ids] = instruct_head[old_ids]
+    return embeddings, head
