@@ -14,6 +14,7 @@ from typing import IO
 from core.adaptation.errors import AdaptationInputError
 
 _OPENERS = {".xz": lzma.open, ".gz": gzip.open}
+_SNIFF_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ def _open_text(path: str) -> IO[str]:
         raise AdaptationInputError(f"corpus file not found: {path}")
     _, compression = _split_suffixes(path)
     opener = _OPENERS.get(compression or "", open)
+    with opener(path, "rb") as raw:  # type: ignore[operator]
+        if b"\x00" in raw.read(_SNIFF_BYTES):
+            raise AdaptationInputError(f"{path}: binary data (NUL bytes), expected UTF-8 text")
     # errors="strict": non-UTF-8 data must fail loudly, not be silently replaced.
     return opener(path, "rt", encoding="utf-8", errors="strict")  # type: ignore[operator]
 

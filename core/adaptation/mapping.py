@@ -56,7 +56,7 @@ class VocabMapping:
         return new_ids, old_ids
 
     def averaging_matrix(self) -> torch.Tensor:
-        """Sparse A: [V_new, V_old] (float64 CSR), row t averages the old rows of t's pieces; empty rows stay 0."""
+        """Sparse A: [V_new, V_old] (float64 COO), row t averages the old rows of t's pieces; empty rows stay 0."""
         rows: list[int] = []
         cols: list[int] = []
         vals: list[float] = []
@@ -67,8 +67,8 @@ class VocabMapping:
                 vals.append(1.0 / len(ids))
         indices = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
         values = torch.tensor(vals, dtype=torch.float64)
-        coo = torch.sparse_coo_tensor(indices, values, (self.new_size, self.old_size)).coalesce()
-        return coo.to_sparse_csr()
+        shape = (self.new_size, self.old_size)
+        return torch.sparse_coo_tensor(indices, values, shape, check_invariants=True).coalesce()
 
     def empty_rows(self) -> torch.Tensor:
         return torch.tensor([i for i, ids in enumerate(self.pieces) if not ids], dtype=torch.long)

@@ -81,8 +81,13 @@ def spm_file(request, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def mistral():
-    path = _needs("mistral-7b-v1")
-    return load_tokenizer("mistral-7b-v1"), spm.SentencePieceProcessor(model_file=path)
+    _needs("mistral-7b-v1")
+    return load_tokenizer("mistral-7b-v1")
+
+
+@pytest.fixture(scope="module")
+def mistral_sp() -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=_needs("mistral-7b-v1"))
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +269,8 @@ def test_available_shortcuts_are_files():
 
 
 @pytest.mark.realmodels
-def test_mistral_shortcut(mistral):
-    tokenizer, sp = mistral
+def test_mistral_shortcut(mistral, mistral_sp):
+    tokenizer, sp = mistral, mistral_sp
     assert len(tokenizer) == 32000
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
     assert tokenizer.backend_tokenizer.model.byte_fallback
@@ -280,8 +285,8 @@ def test_mistral_shortcut(mistral):
 
 
 @pytest.mark.realmodels
-def test_mistral_matches_sentencepiece_on_corpus(mistral):
-    tokenizer, sp = mistral
+def test_mistral_matches_sentencepiece_on_corpus(mistral, mistral_sp):
+    tokenizer, sp = mistral, mistral_sp
     texts = _taiga_texts()
     assert 2.2 <= _chars_per_token(tokenizer, texts) <= 2.45  # 2.33 for the whole file
     for text in texts:
@@ -307,7 +312,6 @@ def test_llama3_shortcut(llama3):
 @pytest.mark.parametrize("name", ["mistral", "llama3"])
 def test_shortcut_tokenizer_survives_save(request, tmp_path, name):
     tokenizer = request.getfixturevalue(name)
-    tokenizer = tokenizer[0] if isinstance(tokenizer, tuple) else tokenizer
     tokenizer.save_pretrained(str(tmp_path))
     reloaded = load_tokenizer(str(tmp_path))
     # v5 drops add_bos_token on save: BOS comes from the post-processor in tokenizer.json
@@ -341,7 +345,8 @@ def test_smollm2_gguf(smollm2, tmp_path):
     model, tokenizer = smollm2
     assert len(tokenizer) == model.config.vocab_size == model.get_input_embeddings().weight.shape[0] == 49152
     assert model.config.tie_word_embeddings and _is_tied(model)
-    assert getattr(model.config, "quantization_config", None) is None
+    assert getattr(model.config, "quantization_config", None) is None  # load_model rebuilt it plain
+    assert getattr(model, "hf_quantizer", None) is None
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
 
     out = str(tmp_path / "smollm2")

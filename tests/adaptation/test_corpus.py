@@ -1,0 +1,60 @@
+"""Streaming corpus readers and their errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+
+import pytest
+
+from core.adaptation.corpus import corpus_stats, iter_documents, require_documents
+from core.adaptation.errors import AdaptationInputError
+
+DOCS = ["Первый документ.", "Second document", "третий — ёж"]
+
+
+def _write(path, docs, *, jsonl: bool, opener=open) -> str:
+    lines = [json.dumps({"id": i, "text": d}, ensure_ascii=False) if jsonl else d for i, d in enumerate(docs)]
+    with opener(path, "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "jsonl", "opener"),
+    [("c.txt", False, open), ("c.jsonl", True, open), ("c.jsonl.xz", True, lzma.open), ("c.txt.gz", False, gzip.open)],
+)
+def test_formats_stream_the_same_documents(tmp_path, name, jsonl, opener) -> None:
+    path = _write(tmp_path / name, DOCS, jsonl=jsonl, opener=opener)
+    assert list(iter_documents(path)) == DOCS
+    assert corpus_stats(path).documents == 3 and corpus_stats(path).chars == sum(map(len, DOCS))
+    assert "".join(iter_documents(path, limit_chars=20)) == "".join(DOCS)[:20]
+
+
+def test_reader_is_lazy(tmp_path) -> None:
+    path = tmp_path / "big.txt"
+    path.write_text("строка\n" * 100_000, encoding="utf-8")
+    stream = iter_documents(str(path))
+    assert next(stream) == "строка"  # a generator: nothing beyond the first line has been read into a list
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.txt", None, "not found"),
+        ("empty.txt", b"\n  \n", "empty"),
+        ("bin.txt", b"abc\x00\x01\x02", "binary"),
+        ("latin1.txt", "caf\xe9 na\xefve".encode("latin-1"), "not UTF-8"),
+        ("bad.jsonl.xz", b"definitely not xz", "unreadable"),
+        ("bad.txt.gz", b"\x1f\x8b\x08garbage", "unreadable"),
+        ("notext.jsonl", b'{"body": "x"}\n', "no string 'text'"),
+        ("broken.jsonl", b'{"text": "x"\n', "not valid JSON"),
+    ],
+)
+def test_bad_corpora_are_named_errors(tmp_path, name, content, message) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(AdaptationInputError, match=message):
+        list(require_documents(str(path)))
