@@ -14,6 +14,7 @@ embedding cloud), which keeps them finite and close to the data without favourin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,29 +56,29 @@ class VocabMapping:
         old_ids = torch.tensor([o for _, o in pairs], dtype=torch.long)
         return new_ids, old_ids
 
-    def averaging_matrix(self) -> torch.Tensor:
-        """Sparse A: [V_new, V_old] (float64 COO), row t averages the old rows of t's pieces; empty rows stay 0."""
-        rows: list[int] = []
-        cols: list[int] = []
-        vals: list[float] = []
-        for new_id, ids in enumerate(self.pieces):
-            for old_id in ids:
-                rows.append(new_id)
-                cols.append(old_id)
-                vals.append(1.0 / len(ids))
-        indices = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
-        values = torch.tensor(vals, dtype=torch.float64)
-        shape = (self.new_size, self.old_size)
-        return torch.sparse_coo_tensor(indices, values, shape, check_invariants=True).coalesce()
+    def mean_rows(self, old_rows: torch.Tensor, new_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """Â[new_ids] = A[new_ids] · E_old: [n, d] float64 (all rows by default); a row with no pieces gets the
+        mean old row.
 
-    def empty_rows(self) -> torch.Tensor:
-        return torch.tensor([i for i, ids in enumerate(self.pieces) if not ids], dtype=torch.long)
-
-    def mean_rows(self, old_rows: torch.Tensor) -> torch.Tensor:
-        """Â = A · E_old: [V_new, d] in float64; rows with no pieces get the mean of all old rows."""
-        old64 = old_rows.detach().to(torch.float64)
-        result = torch.sparse.mm(self.averaging_matrix(), old64)
-        empty = self.empty_rows()
-        if len(empty):
-            result[empty] = old64.mean(dim=0)
+        A[t, s] = count(s in pieces(t)) / len(pieces(t)). Only the old rows a block refers to are cast to float64,
+        so memory stays proportional to the block, not to the vocabulary.
+        """
+        selected = range(self.new_size) if new_ids is None else new_ids
+        rows, cols, vals = [], [], []
+        empty = []
+        for offset, ids in enumerate(self.pieces[i] for i in selected):
+            if not ids:
+                empty.append(offset)
+                continue
+            rows.extend([offset] * len(ids))
+            cols.extend(ids)
+            vals.extend([1.0 / len(ids)] * len(ids))
+        used, local_cols = torch.unique(torch.tensor(cols, dtype=torch.long), return_inverse=True)
+        indices = torch.stack([torch.tensor(rows, dtype=torch.long), local_cols.reshape(-1)])
+        matrix = torch.sparse_coo_tensor(
+            indices, torch.tensor(vals, dtype=torch.float64), (len(selected), len(used)), check_invariants=True
+        )
+        result = torch.sparse.mm(matrix.coalesce(), old_rows[used].detach().to(torch.float64))
+        if empty:
+            result[empty] = old_rows[: self.old_size].detach().to(torch.float64).mean(dim=0)
         return result

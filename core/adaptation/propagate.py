@@ -17,7 +17,8 @@ where P maps the base model's embedding space into the instruct model's:
                 initialisation does (A averages the old rows of each new token's old tokenisation, special tokens
                 matched by name; see `VocabMapping`), then P = argmin ||Ê_B · P - Ê_I||².
 
-Least squares are solved in float64 (`torch.linalg.lstsq`) and cast back. With I = B every variant gives
+Least squares are solved in float64 (normal equations accumulated in row blocks, then `torch.linalg.lstsq`) and
+cast back. With I = B every variant gives
 P = identity, so I' = B'; with E_I = E_B · Q for an invertible Q, `overlap` and `conversion` recover Q.
 
 Special and added tokens of I's tokenizer (chat-template tokens such as `<|im_start|>`) are carried into the output
@@ -29,6 +30,7 @@ during CPT (e.g. a LoRA on the base merged into I with a scale) is added as one 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,9 +47,29 @@ Variant = Literal["swap", "overlap", "conversion"]
 VARIANTS: tuple[Variant, ...] = ("swap", "overlap", "conversion")
 
 
-def solve_projection(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """P: [d, d] = argmin ||source · P - target||² in float64 (source, target: [n, d])."""
-    return torch.linalg.lstsq(source.to(torch.float64), target.to(torch.float64)).solution
+CHUNK_ROWS = 8192  # rows per float64 block: memory stays O(chunk x d + d x d) at any vocabulary size
+
+
+def solve_projection(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """P: [d, d] = argmin sum ||X · P - Y||² over row blocks (X, Y: [n, d]), in float64.
+
+    Solved through the normal equations (Xᵀ X) P = Xᵀ Y accumulated block by block, so a 128 K x 4096 problem never
+    holds more than one block in float64; `lstsq` on the d x d system also handles a rank-deficient Xᵀ X.
+    """
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    for x, y in pairs:
+        x64, y64 = x.to(torch.float64), y.to(torch.float64)
+        gram = x64.T @ x64 if gram is None else gram.addmm_(x64.T, x64)
+        cross = x64.T @ y64 if cross is None else cross.addmm_(x64.T, y64)
+    if gram is None or cross is None:
+        raise AdaptationInputError("no rows to fit the projection on")
+    return torch.linalg.lstsq(gram, cross, driver="gelsd").solution
+
+
+def _blocks(total: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, total, CHUNK_ROWS):
+        yield start, min(start + CHUNK_ROWS, total)
 
 
 def projection(
@@ -61,9 +83,14 @@ def projection(
         _, old_ids = mapping.overlap_index()
         if len(old_ids) == 0:
             raise AdaptationInputError("variant 'overlap' needs tokens shared by the old and new vocabularies; none")
-        return solve_projection(base_rows[old_ids], instruct_rows[old_ids])
+        return solve_projection(
+            (base_rows[old_ids[a:b]], instruct_rows[old_ids[a:b]]) for a, b in _blocks(len(old_ids))
+        )
     if variant == "conversion":
-        return solve_projection(mapping.mean_rows(base_rows), mapping.mean_rows(instruct_rows))
+        return solve_projection(
+            (mapping.mean_rows(base_rows, range(a, b)), mapping.mean_rows(instruct_rows, range(a, b)))
+            for a, b in _blocks(mapping.new_size)
+        )
     raise AdaptationInputError(f"unknown LEP variant '{variant}' (choose from {', '.join(VARIANTS)})")
 
 
@@ -77,7 +104,10 @@ def propagate_rows(
     """E_I' = E_B' · P for one matrix; returns [V_new, d] in the instruct rows' dtype."""
     vocab = mapping.old_size
     p = projection(variant, base_rows[:vocab], instruct_rows[:vocab], mapping)
-    return (adapted_rows[: mapping.new_size].to(torch.float64) @ p).to(instruct_rows.dtype)
+    out = torch.empty(mapping.new_size, adapted_rows.shape[1], dtype=instruct_rows.dtype)
+    for a, b in _blocks(mapping.new_size):
+        out[a:b] = (adapted_rows[a:b].to(torch.float64) @ p).to(instruct_rows.dtype)
+    return out
 
 
 @dataclass(frozen=True)

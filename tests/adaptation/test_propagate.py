@@ -64,7 +64,7 @@ def new_tokenizer(english_byte_level_tokenizer, ru_corpus):
 
 
 def _models(tiny_model, old_tok, new_tok, *, tied: bool, q: torch.Tensor | None):
-    """B (random), B' (B switched to the new vocab, embeddings then "trained"), I (B's layers perturbed, E_I = E_B Q)."""
+    """B random; B' = B on the new vocab with "trained" embeddings; I = B with perturbed layers, E_I = E_B Q."""
     base = tiny_model(len(old_tok), tied=tied, seed=1, hidden=16)
     adapted = copy.deepcopy(base)
     change_vocabulary(adapted, old_tok, new_tok, init="mean")

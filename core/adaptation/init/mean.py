@@ -10,4 +10,4 @@ from core.adaptation.init.base import InitContext
 
 
 def mean_init(ctx: InitContext, new_ids: torch.Tensor) -> torch.Tensor:
-    return ctx.mapping.mean_rows(ctx.old_rows)[new_ids]
+    return ctx.mapping.mean_rows(ctx.old_rows, new_ids.tolist())

@@ -1,0 +1,63 @@
+"""Bits per character: the model's negative log-likelihood of a text divided by its length in characters.
+
+Unlike perplexity it does not depend on the tokenizer, so models with old and new vocabularies compare directly.
+Each document is prefixed with the BOS token (EOS when there is none) so that every text token is predicted, and
+long documents are cut into windows of `window` predictions that overlap by one token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class BitsPerChar:
+    bits_per_char: float
+    chars: int
+    tokens: int
+
+
+def _windows(ids: list[int], window: int) -> list[list[int]]:
+    return [ids[start : start + window + 1] for start in range(0, len(ids) - 1, window)]
+
+
+@torch.inference_mode()
+def bits_per_char(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    *,
+    window: int = 512,
+    batch_size: int = 8,
+) -> BitsPerChar:
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start documents with")
+    chunks: list[list[int]] = []
+    tokens = 0
+    for text in texts:
+        ids = [start, *tokenizer.encode(text, add_special_tokens=False)]
+        tokens += len(ids) - 1
+        chunks.extend(_windows(ids, window))
+    chunks.sort(key=len)  # similar lengths together: less padding
+    device = next(model.parameters()).device
+    total_nats = 0.0
+    for first in range(0, len(chunks), batch_size):
+        batch = chunks[first : first + batch_size]
+        width = max(map(len, batch))
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, chunk in enumerate(batch):
+            input_ids[row, : len(chunk)] = torch.tensor(chunk)
+            mask[row, : len(chunk)] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+        targets = input_ids[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        total_nats += float((nll * mask[:, 1:]).sum())
+    chars = sum(len(text) for text in texts)
+    return BitsPerChar(bits_per_char=total_nats / math.log(2) / chars, chars=chars, tokens=tokens)
