@@ -8,13 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 from core.adaptation.corpus import require_documents
 from core.adaptation.fsutil import atomic_output_dir
 from core.adaptation.init import INIT_METHODS
+from core.adaptation.pipeline import run_pipeline
 from core.adaptation.propagate import VARIANTS, propagate_embeddings
 from core.adaptation.sources import load_model, load_tokenizer, save_pretrained
+from core.adaptation.spec import load_spec
 from core.adaptation.surgery import change_vocabulary
 from core.adaptation.vocab import METHODS, VocabOptions, build_vocab
 from core.adaptation.vocab.common import count_tokens
@@ -94,7 +97,27 @@ def propagate(args: argparse.Namespace) -> None:
     _emit({**report.__dict__, "out": os.path.abspath(args.out)})
 
 
+def run(args: argparse.Namespace) -> None:
+    spec = load_spec(args.spec)
+
+    def show(event: dict[str, Any]) -> None:
+        if event["type"] == "metrics":
+            metrics = event["data"]
+            line = f"[{event['stage']}] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f}"
+            print(f"{line} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+        else:
+            print(f"[{event.get('stage', 'run')}] {event['message']}", file=sys.stderr, flush=True)
+
+    report = run_pipeline(spec, args.out, emit=show)
+    _emit(report.to_dict())
+
+
 def register(commands: argparse._SubParsersAction) -> None:
+    pipeline = commands.add_parser("run", help="run a whole adaptation job from a spec file, resuming if possible")
+    pipeline.add_argument("spec", help="YAML job spec (see README)")
+    pipeline.add_argument("--out", required=True, help="run directory (re-running resumes from completed stages)")
+    pipeline.set_defaults(handler=run)
+
     tokenizer = commands.add_parser("tokenizer", help="tokenizer utilities")
     tokenizer_cmds = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     stats = tokenizer_cmds.add_parser("stats", help="chars per token of a tokenizer on a corpus")

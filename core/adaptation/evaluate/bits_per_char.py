@@ -3,6 +3,9 @@
 Unlike perplexity it does not depend on the tokenizer, so models with old and new vocabularies compare directly.
 Each document is prefixed with the BOS token (EOS when there is none) so that every text token is predicted, and
 long documents are cut into windows of `window` predictions that overlap by one token.
+
+`bits_per_char` gives the raw numbers (the benchmarks use it); `bits_per_char_rows` is the suite task: metrics
+`target` and `source` on the held-out texts given (`limit` caps the documents), `n` the characters scored.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from core.adaptation.errors import AdaptationInputError
+from core.adaptation.evaluate.base import EvalData, ScoreRow, take
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,9 @@ def bits_per_char(
     window: int = 512,
     batch_size: int = 8,
 ) -> BitsPerChar:
+    chars = sum(len(text) for text in texts)
+    if chars == 0:
+        raise AdaptationInputError("bits per char needs at least one non-empty text")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start documents with")
@@ -59,5 +68,23 @@ def bits_per_char(
         targets = input_ids[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         total_nats += float((nll * mask[:, 1:]).sum())
-    chars = sum(len(text) for text in texts)
     return BitsPerChar(bits_per_char=total_nats / math.log(2) / chars, chars=chars, tokens=tokens)
+
+
+def bits_per_char_rows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: EvalData,
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> list[ScoreRow]:
+    rows = []
+    for metric, texts in (("target", data.target_texts), ("source", data.source_texts)):
+        kept = take([text for text in texts if text], limit)
+        if kept:
+            result = bits_per_char(model, tokenizer, kept, batch_size=batch_size)
+            rows.append(ScoreRow("bits_per_char", metric, result.bits_per_char, result.chars))
+    if not rows:
+        raise AdaptationInputError("task 'bits_per_char' needs held-out target or source texts, got none")
+    return rows

@@ -1,0 +1,270 @@
+"""The adaptation job as an ordered graph of resumable stages.
+
+    tokenizer -> init -> cpt -> propagate:<variant>... -> evaluate
+
+Each stage writes into `<run_dir>/<stage>/` through a temporary directory renamed into place, then a manifest
+(sha256 and size per file). A stage whose directory is complete is skipped, so re-running a spec over the same run
+directory resumes where it stopped; CPT additionally resumes from its last step checkpoint, kept outside its stage
+directory. Without an instruct model the job adapts the base model alone (no propagation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.adaptation.corpus import iter_documents, require_documents
+from core.adaptation.errors import AdaptationInputError
+from core.adaptation.evaluate import EvalData, evaluate
+from core.adaptation.manifest import is_complete, read_manifest, write_manifest
+from core.adaptation.propagate import propagate_embeddings
+from core.adaptation.sources import load_model, load_tokenizer, save_pretrained
+from core.adaptation.spec import AdaptationSpec
+from core.adaptation.surgery import change_vocabulary
+from core.adaptation.train.cpt import CPTConfig, run_cpt
+from core.adaptation.vocab import VocabOptions, build_vocab
+
+Event = Callable[[dict[str, Any]], None]
+STAGE_INFO = "stage.json"
+
+
+@dataclass
+class RunContext:
+    spec: AdaptationSpec
+    run_dir: str
+    emit: Event
+    should_cancel: Callable[[], bool] = lambda: False
+
+    def path(self, stage: str) -> str:
+        return os.path.join(self.run_dir, stage.replace(":", "-"))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[RunContext, str], dict[str, Any]]  # (context, temporary output dir) -> stage info
+
+
+@dataclass
+class PipelineReport:
+    run_dir: str
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    scores: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": self.run_dir, "stages": self.stages, "scores": self.scores}
+
+
+def _tokenizer_stage(ctx: RunContext, out: str) -> dict[str, Any]:
+    vocab = ctx.spec.vocab
+    options = VocabOptions(
+        vocab_size=vocab.vocab_size,
+        new_tokens=vocab.new_tokens,
+        keep_tokens=vocab.keep_tokens,
+        keep_by=vocab.keep_by,
+        priority=vocab.priority,
+        train_chars=vocab.train_chars,
+        heldout_path=ctx.spec.heldout,
+        source_corpus=vocab.source_corpus,
+    )
+    result = build_vocab(vocab.method, load_tokenizer(ctx.spec.base_model), ctx.spec.corpus, options)
+    result.tokenizer.save_pretrained(out)
+    if result.removed:
+        with open(os.path.join(out, "removed_tokens.json"), "w", encoding="utf-8") as handle:
+            json.dump(result.removed, handle, ensure_ascii=False)
+    return result.report.to_dict()
+
+
+def _init_stage(ctx: RunContext, out: str) -> dict[str, Any]:
+    model, tokenizer = load_model(ctx.spec.base_model)
+    new_tokenizer = load_tokenizer(ctx.path("tokenizer"))
+    mapping = change_vocabulary(model, tokenizer, new_tokenizer, init=ctx.spec.init.method, seed=ctx.spec.init.seed)
+    save_pretrained(model, new_tokenizer, out)
+    return {"copied_tokens": len(mapping.overlap), "initialised_tokens": len(mapping.new_ids)}
+
+
+class StageCancelled(Exception):
+    """The run was asked to stop; the interrupted stage keeps its checkpoint and re-runs from it next time."""
+
+
+def cpt_config(spec: AdaptationSpec) -> CPTConfig:
+    cpt = spec.cpt
+    return CPTConfig(
+        trainable=cpt.trainable,
+        steps=cpt.steps,
+        seq_len=cpt.seq_len,
+        micro_batch_size=cpt.batch_size,
+        grad_accum_steps=cpt.grad_accum,
+        lr=cpt.lr,
+        warmup_steps=cpt.warmup_steps,
+        weight_decay=cpt.weight_decay,
+        grad_clip=cpt.max_grad_norm,
+        checkpoint_every=cpt.checkpoint_every,
+        seed=cpt.seed,
+    )
+
+
+def _cpt_stage(ctx: RunContext, out: str) -> dict[str, Any]:
+    """Continued pretraining of the initialised model; its step checkpoints live in `cpt.work/` across runs."""
+    model, tokenizer = load_model(ctx.path("init"))
+    if ctx.spec.cpt.steps == 0:
+        save_pretrained(model, tokenizer, out)
+        return {"steps": 0}
+    work = ctx.path("cpt.work")
+    result = run_cpt(
+        model,
+        tokenizer,
+        ctx.spec.corpus,
+        cpt_config(ctx.spec),
+        work,
+        resume=True,
+        progress=lambda metrics: ctx.emit({"type": "metrics", "stage": "cpt", "data": metrics}),
+        should_cancel=ctx.should_cancel,
+    )
+    if result.cancelled:
+        raise StageCancelled(f"cpt cancelled at step {result.steps}")
+    assert result.model_dir is not None
+    for name in os.listdir(result.model_dir):
+        shutil.move(os.path.join(result.model_dir, name), out)
+    if result.adapter_dir is not None:
+        shutil.move(result.adapter_dir, os.path.join(out, "lora_adapter"))
+    shutil.rmtree(work)  # the stage's output is complete: the checkpoints have served
+    return {
+        "steps": result.steps,
+        "tokens_seen": result.tokens_seen,
+        "final_loss": result.final_loss,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "resumed_from": result.resumed_from,
+    }
+
+
+def _propagate_stage(variant: str) -> Callable[[RunContext, str], dict[str, Any]]:
+    def run(ctx: RunContext, out: str) -> dict[str, Any]:
+        assert ctx.spec.instruct_model is not None
+        base, base_tokenizer = load_model(ctx.spec.base_model)
+        adapted, adapted_tokenizer = load_model(ctx.path("cpt"))
+        instruct, instruct_tokenizer = load_model(ctx.spec.instruct_model)
+        tokenizer, report = propagate_embeddings(
+            base=base,
+            base_tokenizer=base_tokenizer,
+            adapted=adapted,
+            adapted_tokenizer=adapted_tokenizer,
+            instruct=instruct,
+            instruct_tokenizer=instruct_tokenizer,
+            variant=variant,  # type: ignore[arg-type]
+        )
+        save_pretrained(instruct, tokenizer, out)
+        return dict(report.__dict__)
+
+    return run
+
+
+def _eval_data(ctx: RunContext) -> EvalData:
+    spec, limit = ctx.spec, ctx.spec.evaluation.heldout_chars
+    target = list(iter_documents(spec.heldout or spec.corpus, limit_chars=limit))
+    source = list(iter_documents(spec.source_heldout, limit_chars=limit)) if spec.source_heldout else []
+    return EvalData(target_texts=tuple(target), source_texts=tuple(source), mera_dir=spec.evaluation.mera_dir)
+
+
+def models_to_evaluate(ctx: RunContext) -> dict[str, str]:
+    """Model label -> spec: the original and every adapted model the run produced."""
+    spec = ctx.spec
+    if spec.instruct_model is None:
+        return {"original": spec.base_model, "adapted": ctx.path("cpt")}
+    models = {"original": spec.instruct_model}
+    models.update({f"propagated:{v}": ctx.path(f"propagate:{v}") for v in spec.propagation.variants})
+    return models
+
+
+def _evaluate_stage(ctx: RunContext, out: str) -> dict[str, Any]:
+    data = _eval_data(ctx)
+    evaluation = ctx.spec.evaluation
+    rows: list[dict[str, Any]] = []
+    for label, model_spec in models_to_evaluate(ctx).items():
+        model, tokenizer = load_model(model_spec)
+        scores = evaluate(model, tokenizer, evaluation.tasks, data, limit=evaluation.limit)
+        rows.extend({"model": label, **row.to_dict()} for row in scores)
+        ctx.emit({"type": "message", "message": f"evaluated {label}", "data": {"rows": len(scores)}})
+    with open(os.path.join(out, "scores.json"), "w", encoding="utf-8") as handle:
+        json.dump(rows, handle, ensure_ascii=False, indent=2)
+    return {"rows": len(rows)}
+
+
+def stages(spec: AdaptationSpec) -> list[Stage]:
+    graph = [Stage("tokenizer", _tokenizer_stage), Stage("init", _init_stage), Stage("cpt", _cpt_stage)]
+    if spec.instruct_model is not None:
+        graph += [Stage(f"propagate:{v}", _propagate_stage(v)) for v in spec.propagation.variants]
+    graph.append(Stage("evaluate", _evaluate_stage))
+    return graph
+
+
+MERA_TASKS = {"mc_ruworldtree", "mera_arith"}
+
+
+def _check_inputs(spec: AdaptationSpec) -> None:
+    """Fail before any heavy work on inputs that would only fail a late stage."""
+    next(require_documents(spec.corpus))
+    for extra in (spec.heldout, spec.source_heldout, spec.vocab.source_corpus):
+        if extra is not None:
+            next(require_documents(extra))
+    needs_mera = MERA_TASKS.intersection(spec.evaluation.tasks)
+    if needs_mera and not (spec.evaluation.mera_dir and os.path.isdir(spec.evaluation.mera_dir)):
+        raise AdaptationInputError(f"tasks {', '.join(sorted(needs_mera))} need evaluation.mera_dir (a folder)")
+
+
+def run_stage(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    """Run one stage into a temporary directory, then rename it into place and write its manifest."""
+    final = ctx.path(stage.name)
+    tmp = final + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(final):
+        shutil.rmtree(final)  # incomplete leftovers of an earlier crash
+    os.makedirs(tmp)
+    started = time.perf_counter()
+    try:
+        info = stage.run(ctx, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info = {"stage": stage.name, "seconds": round(time.perf_counter() - started, 2), **info}
+    with open(os.path.join(tmp, STAGE_INFO), "w", encoding="utf-8") as handle:
+        json.dump(info, handle, ensure_ascii=False, indent=2)
+    os.replace(tmp, final)
+    write_manifest(final)
+    return info
+
+
+def run_pipeline(
+    spec: AdaptationSpec,
+    run_dir: str,
+    *,
+    emit: Event = lambda event: None,
+    should_cancel: Callable[[], bool] = lambda: False,
+) -> PipelineReport:
+    _check_inputs(spec)
+    os.makedirs(run_dir, exist_ok=True)
+    ctx = RunContext(spec=spec, run_dir=run_dir, emit=emit, should_cancel=should_cancel)
+    report = PipelineReport(run_dir=os.path.abspath(run_dir))
+    for stage in stages(spec):
+        path = ctx.path(stage.name)
+        if is_complete(path):
+            with open(os.path.join(path, STAGE_INFO), encoding="utf-8") as handle:
+                info = {**json.load(handle), "skipped": True}
+            emit({"type": "stage", "stage": stage.name, "message": "complete output found: skipped"})
+        else:
+            emit({"type": "stage", "stage": stage.name, "message": "started"})
+            try:
+                info = run_stage(ctx, stage)
+            except AdaptationInputError as exc:
+                raise AdaptationInputError(f"stage '{stage.name}' failed: {exc}") from exc
+            emit({"type": "stage", "stage": stage.name, "message": f"done in {info['seconds']} s"})
+        report.stages.append(info)
+    if read_manifest(ctx.path("evaluate")) is not None:
+        with open(os.path.join(ctx.path("evaluate"), "scores.json"), encoding="utf-8") as handle:
+            report.scores = json.load(handle)
+    return report

@@ -1,0 +1,121 @@
+"""The whole job on tiny real models: stages, manifests, resume after a crash or a cancel, the JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+
+from cli.main import main
+from core.adaptation.manifest import is_complete
+from core.adaptation.pipeline import StageCancelled, run_pipeline
+from core.adaptation.sources import save_pretrained
+from core.adaptation.spec import AdaptationSpec
+from tests.conftest import shared_file
+
+TASKS = ["symbols_per_token", "bits_per_char", "copy_ru", "mc_ruworldtree", "mera_arith", "micro_avg"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_model, english_byte_level_tokenizer) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("pair")
+    base = tiny_model(len(english_byte_level_tokenizer), seed=11)
+    instruct = tiny_model(len(english_byte_level_tokenizer), seed=12)
+    save_pretrained(base, english_byte_level_tokenizer, str(root / "base"))
+    save_pretrained(instruct, english_byte_level_tokenizer, str(root / "instruct"))
+    return {"base": str(root / "base"), "instruct": str(root / "instruct")}
+
+
+def _spec(models: dict[str, str], ru_corpus: str, *, instruct: bool = True, **overrides) -> AdaptationSpec:
+    body = {
+        "base_model": models["base"],
+        "instruct_model": models["instruct"] if instruct else None,
+        "corpus": ru_corpus,
+        "vocab": {"method": "extended", "new_tokens": 1200, "train_chars": 150_000},
+        "cpt": {"steps": 6, "seq_len": 64, "batch_size": 2, "warmup_steps": 2, "checkpoint_every": 3, "lr": 1e-3},
+        "propagation": {"variant": ["swap", "overlap", "conversion"]},
+        "evaluation": {
+            "tasks": TASKS,
+            "limit": 3,
+            "heldout_chars": 4000,
+            "mera_dir": str(shared_file("eval/mera")),
+        },
+        **overrides,
+    }
+    return AdaptationSpec.model_validate(body)
+
+
+def test_full_job_runs_every_stage_and_resumes_without_rework(tmp_path, models, ru_corpus) -> None:
+    spec = _spec(models, ru_corpus)
+    events: list[dict] = []
+    report = run_pipeline(spec, str(tmp_path / "run"), emit=events.append)
+    names = [s["stage"] for s in report.stages]
+    assert names == [
+        "tokenizer",
+        "init",
+        "cpt",
+        "propagate:swap",
+        "propagate:overlap",
+        "propagate:conversion",
+        "evaluate",
+    ]
+    assert all(s["seconds"] >= 0 and not s.get("skipped") for s in report.stages)
+    assert all(is_complete(str(tmp_path / "run" / n.replace(":", "-")), verify_hashes=True) for n in names)
+    cpt = report.stages[2]
+    assert cpt["steps"] == 6 and cpt["tokens_seen"] == 6 * 2 * 64
+    assert any(e["type"] == "metrics" and e["data"]["total_steps"] == 6 for e in events)
+    models_scored = {row["model"] for row in report.scores}
+    assert models_scored == {"original", "propagated:swap", "propagated:overlap", "propagated:conversion"}
+    for label in models_scored:
+        rows = {(r["task"], r["metric"]): r for r in report.scores if r["model"] == label}
+        assert rows[("mc_ruworldtree", "accuracy")]["n"] == 3 and 0 <= rows[("micro_avg", "mean")]["value"] <= 1
+        assert rows[("bits_per_char", "target")]["value"] > 0
+    spt = {r["model"]: r["value"] for r in report.scores if r["task"] == "symbols_per_token"}
+    assert spt["propagated:conversion"] > 1.3 * spt["original"]  # the new vocabulary is denser on Russian
+
+    again = run_pipeline(spec, str(tmp_path / "run"))
+    assert all(s["skipped"] for s in again.stages) and again.scores == report.scores
+
+    shutil.rmtree(tmp_path / "run" / "evaluate")
+    os.remove(tmp_path / "run" / "propagate-overlap" / "model.safetensors")  # damaged output is redone
+    third = run_pipeline(spec, str(tmp_path / "run"))
+    redone = [s["stage"] for s in third.stages if not s.get("skipped")]
+    assert redone == ["propagate:overlap", "evaluate"]
+
+
+def test_cancelled_cpt_resumes_from_its_checkpoint(tmp_path, models, ru_corpus) -> None:
+    spec = _spec(models, ru_corpus, instruct=False, evaluation={"tasks": ["bits_per_char"], "heldout_chars": 2000})
+    steps: list[int] = []
+
+    def cancel_after_three() -> bool:
+        steps.append(1)
+        return len(steps) >= 3
+
+    with pytest.raises(StageCancelled, match="step 3"):
+        run_pipeline(spec, str(tmp_path / "run"), should_cancel=cancel_after_three)
+    assert not (tmp_path / "run" / "cpt").exists() and (tmp_path / "run" / "cpt.work").exists()
+    report = run_pipeline(spec, str(tmp_path / "run"))
+    by_name = {s["stage"]: s for s in report.stages}
+    assert by_name["tokenizer"]["skipped"] and by_name["init"]["skipped"]
+    assert by_name["cpt"]["resumed_from"] == 3 and by_name["cpt"]["steps"] == 6
+    assert not (tmp_path / "run" / "cpt.work").exists()
+    assert {r["model"] for r in report.scores} == {"original", "adapted"}  # no instruct model: no propagation
+
+
+def test_cli_run_prints_the_report(tmp_path, models, ru_corpus, capsys) -> None:
+    spec = _spec(models, ru_corpus, instruct=False, evaluation={"tasks": ["symbols_per_token"], "heldout_chars": 2000})
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    assert main(["run", str(spec_path), "--out", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert [s["stage"] for s in report["stages"]] == ["tokenizer", "init", "cpt", "evaluate"]
+    assert "[cpt] step 6/6" in captured.err
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**spec.model_dump(mode="json"), "evaluation": {"tasks": ["mc_ruworldtree"]}}))
+    assert main(["run", str(bad), "--out", str(tmp_path / "run2")]) == 2
+    assert "mera_dir" in capsys.readouterr().err and not (tmp_path / "run2").exists()
