@@ -22,7 +22,7 @@ from core.adaptation.corpus import iter_documents, require_documents
 from core.adaptation.errors import AdaptationInputError
 from core.adaptation.evaluate import EvalData, evaluate
 from core.adaptation.manifest import is_complete, read_manifest, write_manifest
-from core.adaptation.propagate import propagate_embeddings
+from core.adaptation.propagate import merge_layer_delta, propagate_embeddings
 from core.adaptation.sources import load_model, load_tokenizer, save_pretrained
 from core.adaptation.spec import AdaptationSpec
 from core.adaptation.surgery import change_vocabulary
@@ -31,6 +31,7 @@ from core.adaptation.vocab import VocabOptions, build_vocab
 
 Event = Callable[[dict[str, Any]], None]
 STAGE_INFO = "stage.json"
+LORA_ADAPTER = "lora_adapter"  # inside the cpt stage: the layers' delta of `lora+head`, merged into I by LEP
 
 
 @dataclass
@@ -132,7 +133,7 @@ def _cpt_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     for name in os.listdir(result.model_dir):
         shutil.move(os.path.join(result.model_dir, name), out)
     if result.adapter_dir is not None:
-        shutil.move(result.adapter_dir, os.path.join(out, "lora_adapter"))
+        shutil.move(result.adapter_dir, os.path.join(out, LORA_ADAPTER))
     shutil.rmtree(work)  # the stage's output is complete: the checkpoints have served
     return {
         "steps": result.steps,
@@ -158,8 +159,14 @@ def _propagate_stage(variant: str) -> Callable[[RunContext, str], dict[str, Any]
             instruct_tokenizer=instruct_tokenizer,
             variant=variant,  # type: ignore[arg-type]
         )
+        info = dict(report.__dict__)
+        adapter = os.path.join(ctx.path("cpt"), LORA_ADAPTER)
+        if os.path.isdir(adapter):
+            scale = ctx.spec.propagation.lora_scale
+            info["lora_modules_merged"] = merge_layer_delta(instruct, adapter, scale=scale)
+            info["lora_scale"] = scale
         save_pretrained(instruct, tokenizer, out)
-        return dict(report.__dict__)
+        return info
 
     return run
 

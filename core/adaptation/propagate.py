@@ -24,17 +24,21 @@ P = identity, so I' = B'; with E_I = E_B · Q for an invertible Q, `overlap` and
 Special and added tokens of I's tokenizer (chat-template tokens such as `<|im_start|>`) are carried into the output
 tokenizer with their rows copied from I, and I's chat template and special-token roles are kept.
 
-Propagation is a list of steps over I'; `propagate_embeddings` is the first. The transformer-layer delta learned
-during CPT (e.g. a LoRA on the base merged into I with a scale) is added as one more step function.
+Propagation is a list of steps over I'; `propagate_embeddings` is the first. When CPT also trained LoRA adapters on
+the base's transformer layers (`lora+head`), `merge_layer_delta` is the second: the layers' change learned on B,
+ΔW = (alpha / r) · B_lora · A_lora, is added to I's matching weights with a configurable scale, W_I' = W_I + s · ΔW.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file
 from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -221,3 +225,36 @@ def _with_carried_rows(
     if head is not None:
         head[new_ids] = instruct_head[old_ids]
     return embeddings, head
+
+
+def merge_layer_delta(instruct: PreTrainedModel, adapter_dir: str, *, scale: float = 1.0) -> int:
+    """Add a LoRA adapter's weight delta (peft format, trained on the base) to `instruct` in place.
+
+    W += scale · (lora_alpha / r) · lora_B @ lora_A for every adapted module; returns how many modules changed.
+    The adapter must hold layer deltas only (embeddings and head are propagated by `propagate_embeddings`).
+    """
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    weights_path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
+        raise AdaptationInputError(f"not a LoRA adapter directory: {adapter_dir}")
+    with open(config_path, encoding="utf-8") as handle:
+        adapter = json.load(handle)
+    factor = scale * adapter["lora_alpha"] / adapter["r"]
+    tensors = load_file(weights_path)
+    modules = dict(instruct.named_modules())
+    merged = 0
+    for name, lora_a in tensors.items():
+        if ".lora_A." not in name:
+            continue
+        lora_b = tensors[name.replace(".lora_A.", ".lora_B.")]
+        target = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+        module = modules.get(target)
+        if module is None or not hasattr(module, "weight"):
+            raise AdaptationInputError(f"the adapter's module {target} does not exist in the instruct model")
+        delta = factor * (lora_b.to(torch.float64) @ lora_a.to(torch.float64))
+        if delta.shape != module.weight.shape:
+            raise AdaptationInputError(f"the adapter's {target} delta {tuple(delta.shape)} does not fit the model")
+        with torch.no_grad():
+            module.weight.copy_((module.weight.to(torch.float64) + delta).to(module.weight.dtype))
+        merged += 1
+    return merged

@@ -64,6 +64,7 @@ class CPTSpec(_Strict):
 
 class PropagationSpec(_Strict):
     variant: Variant | list[Variant] = "conversion"
+    lora_scale: float = Field(1.0, ge=0, description="scale of the CPT LoRA delta merged into I (lora+head)")
 
     @property
     def variants(self) -> list[Variant]:

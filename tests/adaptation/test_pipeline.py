@@ -119,3 +119,17 @@ def test_cli_run_prints_the_report(tmp_path, models, ru_corpus, capsys) -> None:
     bad.write_text(yaml.safe_dump({**spec.model_dump(mode="json"), "evaluation": {"tasks": ["mc_ruworldtree"]}}))
     assert main(["run", str(bad), "--out", str(tmp_path / "run2")]) == 2
     assert "mera_dir" in capsys.readouterr().err and not (tmp_path / "run2").exists()
+
+
+def test_lora_cpt_delta_reaches_the_instruct_model(tmp_path, models, ru_corpus) -> None:
+    spec = _spec(
+        models,
+        ru_corpus,
+        cpt={"trainable": "lora+head", "steps": 2, "seq_len": 32, "batch_size": 2, "warmup_steps": 0},
+        propagation={"variant": "swap", "lora_scale": 0.5},
+        evaluation={"tasks": ["symbols_per_token"], "heldout_chars": 2000},
+    )
+    report = run_pipeline(spec, str(tmp_path / "run"))
+    propagated = next(s for s in report.stages if s["stage"] == "propagate:swap")
+    assert propagated["lora_modules_merged"] == 14 and propagated["lora_scale"] == 0.5
+    assert (tmp_path / "run" / "cpt" / "lora_adapter" / "adapter_config.json").exists()

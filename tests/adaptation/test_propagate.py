@@ -185,3 +185,38 @@ def test_incompatible_models_are_refused(tiny_model, english_byte_level_tokenize
             instruct_tokenizer=english_byte_level_tokenizer,
             variant="swap",
         )
+
+
+def test_lora_delta_learned_on_base_is_merged_into_instruct_with_a_scale(
+    tmp_path, tiny_model, english_byte_level_tokenizer, ru_corpus
+) -> None:
+    from core.adaptation.propagate import merge_layer_delta
+    from core.adaptation.train.cpt import CPTConfig, run_cpt
+
+    tok = english_byte_level_tokenizer
+    base = tiny_model(len(tok), seed=4)
+    trained = copy.deepcopy(base)
+    config = CPTConfig(
+        trainable="lora+head",
+        steps=3,
+        seq_len=32,
+        micro_batch_size=2,
+        grad_accum_steps=1,
+        warmup_steps=0,
+        lr=5e-2,
+        lora_r=4,
+        lora_alpha=8,
+        checkpoint_every=3,
+    )
+    result = run_cpt(trained, tok, ru_corpus, config, str(tmp_path / "cpt"))
+    instruct = tiny_model(len(tok), seed=5)
+    before = copy.deepcopy(instruct)
+    merged = merge_layer_delta(instruct, result.adapter_dir, scale=0.5)
+    assert merged == 2 * 7  # two layers x (q, k, v, o, gate, up, down)
+    for name, weight in instruct.model.layers.named_parameters():
+        delta_base = trained.model.layers.get_parameter(name) - base.model.layers.get_parameter(name)
+        expected = before.model.layers.get_parameter(name) + 0.5 * delta_base
+        assert torch.allclose(weight, expected, atol=1e-5), name
+    assert torch.equal(instruct.get_input_embeddings().weight, before.get_input_embeddings().weight)
+    with pytest.raises(AdaptationInputError, match="not a LoRA adapter"):
+        merge_layer_delta(instruct, str(tmp_path))
