@@ -7,7 +7,7 @@ the rows in one table without knowing the tasks.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -70,6 +70,20 @@ class TaskFn(Protocol):
 def take(items: Sequence[T], limit: int | None) -> list[T]:
     """The first `limit` items (all when `limit` is None): deterministic, so reruns score the same items."""
     return list(items if limit is None else items[:limit])
+
+
+def per_language_rows(
+    task: str, data: EvalData, limit: int | None, measure: Callable[[list[str]], tuple[float, int]]
+) -> list[ScoreRow]:
+    """One row per held-out language (`target`, `source`) that has texts: `measure(texts) -> (value, n)`."""
+    rows = []
+    for metric, texts in (("target", data.target_texts), ("source", data.source_texts)):
+        kept = take([text for text in texts if text], limit)
+        if kept:
+            rows.append(ScoreRow(task, metric, *measure(kept)))
+    if not rows:
+        raise AdaptationInputError(f"task '{task}' needs held-out target or source texts, got none")
+    return rows
 
 
 def require_texts(texts: Sequence[str], task: str, which: str) -> list[str]:

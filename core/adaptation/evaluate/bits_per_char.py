@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate.base import EvalData, ScoreRow, take
+from core.adaptation.evaluate.base import EvalData, ScoreRow, per_language_rows
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,8 @@ def bits_per_char_rows(
     limit: int | None = None,
     batch_size: int = 8,
 ) -> list[ScoreRow]:
-    rows = []
-    for metric, texts in (("target", data.target_texts), ("source", data.source_texts)):
-        kept = take([text for text in texts if text], limit)
-        if kept:
-            result = bits_per_char(model, tokenizer, kept, batch_size=batch_size)
-            rows.append(ScoreRow("bits_per_char", metric, result.bits_per_char, result.chars))
-    if not rows:
-        raise AdaptationInputError("task 'bits_per_char' needs held-out target or source texts, got none")
-    return rows
+    def measure(texts: list[str]) -> tuple[float, int]:
+        result = bits_per_char(model, tokenizer, texts, batch_size=batch_size)
+        return result.bits_per_char, result.chars
+
+    return per_language_rows("bits_per_char", data, limit, measure)

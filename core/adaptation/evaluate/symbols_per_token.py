@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate.base import EvalData, ScoreRow, take
+from core.adaptation.evaluate.base import EvalData, ScoreRow, per_language_rows
 from core.adaptation.vocab.common import chars_per_token
 
 
@@ -23,11 +22,6 @@ def symbols_per_token(
     limit: int | None = None,
     batch_size: int = 8,
 ) -> list[ScoreRow]:
-    rows = []
-    for metric, texts in (("target", data.target_texts), ("source", data.source_texts)):
-        kept = take([text for text in texts if text], limit)
-        if kept:
-            rows.append(ScoreRow("symbols_per_token", metric, chars_per_token(tokenizer, kept), sum(map(len, kept))))
-    if not rows:
-        raise AdaptationInputError("task 'symbols_per_token' needs held-out target or source texts, got none")
-    return rows
+    return per_language_rows(
+        "symbols_per_token", data, limit, lambda texts: (chars_per_token(tokenizer, texts), sum(map(len, texts)))
+    )
