@@ -105,12 +105,20 @@ def propagate_rows(
     instruct_rows: torch.Tensor,
     mapping: VocabMapping,
 ) -> torch.Tensor:
-    """E_I' = E_B' · P for one matrix; returns [V_new, d] in the instruct rows' dtype."""
+    """E_I' = E_B' · P for one matrix; returns [V_new, d] in the instruct rows' dtype.
+
+    P is solved in float64 and cast back; the product E_B' · P runs in float32 (float64 inputs stay float64),
+    and `swap` skips it, since its P is the identity.
+    """
+    adapted = adapted_rows[: mapping.new_size].detach()
+    if variant == "swap":
+        return adapted.to(instruct_rows.dtype).clone()
     vocab = mapping.old_size
-    p = projection(variant, base_rows[:vocab], instruct_rows[:vocab], mapping)
-    out = torch.empty(mapping.new_size, adapted_rows.shape[1], dtype=instruct_rows.dtype)
+    compute = torch.float64 if adapted.dtype == torch.float64 else torch.float32
+    p = projection(variant, base_rows[:vocab], instruct_rows[:vocab], mapping).to(compute)
+    out = torch.empty(mapping.new_size, adapted.shape[1], dtype=instruct_rows.dtype)
     for a, b in _blocks(mapping.new_size):
-        out[a:b] = (adapted_rows[a:b].to(torch.float64) @ p).to(instruct_rows.dtype)
+        out[a:b] = (adapted[a:b].to(compute) @ p).to(instruct_rows.dtype)
     return out
 
 
