@@ -31,6 +31,34 @@ def source(request: pytest.FixtureRequest) -> PreTrainedTokenizerFast:
     return request.getfixturevalue(name)
 
 
+@pytest.fixture(scope="module")
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """LLaMa-3 keeps its 256 special tokens outside the BPE model vocabulary, after a gap-free 128,000."""
+    pytest.importorskip("llama_models")
+    from core.adaptation.sources import load_tokenizer
+
+    return load_tokenizer("llama-3")
+
+
+@pytest.mark.parametrize("method", ["extended", "optimized"])
+def test_specials_outside_the_model_vocabulary_keep_their_identity(
+    method: str, llama3_tokenizer: PreTrainedTokenizerFast, ru_corpus: str
+) -> None:
+    options = VocabOptions(new_tokens=2000, keep_tokens=20_000, keep_by="first-ids", heldout_chars=HELDOUT)
+    result = build_vocab(method, llama3_tokenizer, ru_corpus, options)
+    tokenizer, vocab = result.tokenizer, result.tokenizer.get_vocab()
+    assert sorted(vocab.values()) == list(range(len(tokenizer)))  # no id is used twice
+    assert result.report.new_tokens > 100
+    for special in ("<|begin_of_text|>", "<|eot_id|>", "<|reserved_special_token_245|>"):
+        if method == "extended":
+            assert vocab[special] == llama3_tokenizer.convert_tokens_to_ids(special)
+        assert tokenizer.decode(tokenizer.encode(f"a{special}б", add_special_tokens=False)) == f"a{special}б"
+        assert len(tokenizer.encode(special, add_special_tokens=False)) == 1
+    if method == "extended":
+        assert result.report.removed_tokens == 0
+    _assert_lossless(tokenizer, llama3_tokenizer)
+
+
 @pytest.mark.parametrize("method", ["bpe", "unigram"])
 def test_replacing_vocabulary_is_lossless_and_more_efficient_on_russian(
     method: str, source: PreTrainedTokenizerFast, ru_corpus: str

@@ -221,12 +221,19 @@ def _demote_byte_pieces(model: dict[str, Any], byte_pieces: set[str]) -> None:
 
 
 def finalize_json(data: dict[str, Any]) -> Tokenizer:
-    """Rebuild a Tokenizer from edited tokenizer.json data, remapping special-token ids in the post-processor."""
+    """Rebuild a Tokenizer from edited tokenizer.json data, remapping special-token ids in the post-processor.
+
+    A BPE model vocabulary also receives the added tokens it lacks, at their ids: `tokenizers` re-numbers added
+    tokens that are missing from the model vocabulary by counting its entries, which collides with appended
+    pieces as soon as the ids have a gap (LLaMa-3 keeps its 256 specials outside the model vocabulary).
+    """
     ids: dict[str, int] = {}
     model = data["model"]
     if model["type"] == "Unigram":
         ids.update({piece: i for i, (piece, _) in enumerate(model["vocab"])})
     else:
+        for tok in data.get("added_tokens", []):
+            model["vocab"].setdefault(tok["content"], tok["id"])
         ids.update(model["vocab"])
     ids.update({tok["content"]: tok["id"] for tok in data.get("added_tokens", [])})
     _remap_post_processor(data.get("post_processor"), ids)
