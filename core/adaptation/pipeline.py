@@ -173,7 +173,7 @@ def _propagate_stage(variant: str) -> Callable[[RunContext, str], dict[str, Any]
 
 def _eval_data(ctx: RunContext) -> EvalData:
     spec, limit = ctx.spec, ctx.spec.evaluation.heldout_chars
-    target = list(iter_documents(spec.heldout or spec.corpus, limit_chars=limit))
+    target = list(iter_documents(spec.heldout, limit_chars=limit))
     source = list(iter_documents(spec.source_heldout, limit_chars=limit)) if spec.source_heldout else []
     return EvalData(target_texts=tuple(target), source_texts=tuple(source), mera_dir=spec.evaluation.mera_dir)
 
@@ -216,7 +216,8 @@ MERA_TASKS = {"mc_ruworldtree", "mera_arith"}
 def _check_inputs(spec: AdaptationSpec) -> None:
     """Fail before any heavy work on inputs that would only fail a late stage."""
     next(require_documents(spec.corpus))
-    for extra in (spec.heldout, spec.source_heldout, spec.vocab.source_corpus):
+    next(require_documents(spec.heldout))
+    for extra in (spec.source_heldout, spec.vocab.source_corpus):
         if extra is not None:
             next(require_documents(extra))
     needs_mera = MERA_TASKS.intersection(spec.evaluation.tasks)

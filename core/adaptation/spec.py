@@ -94,7 +94,7 @@ class AdaptationSpec(_Strict):
     base_model: str
     instruct_model: str | None = None
     corpus: str
-    heldout: str | None = Field(None, description="held-out target text (default: the corpus's first characters)")
+    heldout: str = Field(description="held-out target text: never trained on, used for chars/token and evaluation")
     source_heldout: str | None = Field(None, description="held-out source-language text for regressions")
     vocab: VocabSpec = Field(default_factory=VocabSpec)
     init: InitSpec = Field(default_factory=InitSpec)
@@ -104,7 +104,7 @@ class AdaptationSpec(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     labels: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("base_model", "corpus")
+    @field_validator("base_model", "corpus", "heldout")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():

@@ -28,17 +28,13 @@ def test_manifest_lists_sha256_and_size_and_detects_damage(tmp_path) -> None:
 
 
 def test_spec_defaults_follow_the_paper() -> None:
-    spec = AdaptationSpec.model_validate({"base_model": "b", "corpus": "c.jsonl", "vocab": {"new_tokens": 1000}})
+    minimal = {"base_model": "b", "corpus": "c.jsonl", "heldout": "h"}
+    spec = AdaptationSpec.model_validate({**minimal, "vocab": {"new_tokens": 1000}})
     assert spec.vocab.method == "extended" and spec.init.method == "mean"
     assert spec.cpt.trainable == "embeddings+head" and spec.cpt.lr == 1e-4 and spec.cpt.warmup_steps == 100
     assert spec.cpt.weight_decay == 0.1 and spec.propagation.variants == ["conversion"]
     both = AdaptationSpec.model_validate(
-        {
-            "base_model": "b",
-            "corpus": "c",
-            "vocab": {"new_tokens": 5},
-            "propagation": {"variant": ["swap", "overlap", "swap"]},
-        }
+        {**minimal, "vocab": {"new_tokens": 5}, "propagation": {"variant": ["swap", "overlap", "swap"]}}
     )
     assert both.propagation.variants == ["swap", "overlap"]
 
@@ -46,11 +42,11 @@ def test_spec_defaults_follow_the_paper() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("base_model: b\ncorpus: c\nvocab: {method: bpe}\n", "vocab_size"),
-        ("base_model: b\ncorpus: c\nvocab: {method: optimized, new_tokens: 5}\n", "keep_tokens"),
-        ("base_model: b\ncorpus: c\nvocab: {new_tokens: 5}\ncpt: {trainable: everything}\n", "cpt.trainable"),
-        ("base_model: b\ncorpus: c\nvocab: {new_tokens: 5}\nsurprise: 1\n", "surprise"),
-        ("corpus: c\nvocab: {new_tokens: 5}\n", "base_model"),
+        ("base_model: b\ncorpus: c\nheldout: h\nvocab: {method: bpe}\n", "vocab_size"),
+        ("base_model: b\ncorpus: c\nheldout: h\nvocab: {method: optimized, new_tokens: 5}\n", "keep_tokens"),
+        ("base_model: b\ncorpus: c\nheldout: h\nvocab: {new_tokens: 5}\ncpt: {trainable: all}\n", "cpt.trainable"),
+        ("base_model: b\ncorpus: c\nheldout: h\nvocab: {new_tokens: 5}\nsurprise: 1\n", "surprise"),
+        ("corpus: c\nheldout: h\nvocab: {new_tokens: 5}\n", "base_model"),
         ("base_model: [unclosed\n", "not valid YAML"),
     ],
 )

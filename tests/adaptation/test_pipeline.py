@@ -34,6 +34,7 @@ def _spec(models: dict[str, str], ru_corpus: str, *, instruct: bool = True, **ov
         "base_model": models["base"],
         "instruct_model": models["instruct"] if instruct else None,
         "corpus": ru_corpus,
+        "heldout": str(shared_file("ru/taiga_devtest.jsonl")),
         "vocab": {"method": "extended", "new_tokens": 1200, "train_chars": 150_000},
         "cpt": {"steps": 6, "seq_len": 64, "batch_size": 2, "warmup_steps": 2, "checkpoint_every": 3, "lr": 1e-3},
         "propagation": {"variant": ["swap", "overlap", "conversion"]},
