@@ -10,6 +10,7 @@ each output is cut to its own token budget and at its first stop token, so the t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -65,22 +66,28 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 @torch.inference_mode()
-def greedy_generate(
+@dataclass(frozen=True)
+class Generation:
+    text: str  # the continuation, special tokens dropped
+    finished: bool  # an end token ended it (False: it ran into its max_new_tokens)
+
+
+def greedy_generations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[list[int]],
     max_new_tokens: Sequence[int],
     *,
     batch_size: int = 8,
-) -> list[str]:
-    """The greedy continuation of each prompt (special tokens dropped), at most `max_new_tokens[i]` tokens long."""
+) -> list[Generation]:
+    """The greedy continuation of each prompt, at most `max_new_tokens[i]` tokens long, and whether it ended."""
     if len(prompts) != len(max_new_tokens):
         raise ValueError("one max_new_tokens per prompt")
     device = model_device(model)
     pad = pad_token_id(tokenizer)
     stops = stop_token_ids(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs: list[str] = [""] * len(prompts)
+    outputs: list[Generation] = [Generation("", False)] * len(prompts)
     for first in range(0, len(order), batch_size):
         batch = order[first : first + batch_size]
         width = max(len(prompts[i]) for i in batch)
@@ -103,9 +110,22 @@ def greedy_generate(
         )
         for row, index in enumerate(batch):
             new = generated[row, width:].tolist()[: max_new_tokens[index]]
+            finished = False
             for position, token in enumerate(new):
                 if token in stops:
-                    new = new[:position]
+                    new, finished = new[:position], True
                     break
-            outputs[index] = tokenizer.decode(new, skip_special_tokens=True)
+            outputs[index] = Generation(tokenizer.decode(new, skip_special_tokens=True), finished)
     return outputs
+
+
+def greedy_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    max_new_tokens: Sequence[int],
+    *,
+    batch_size: int = 8,
+) -> list[str]:
+    """The greedy continuation of each prompt (special tokens dropped), at most `max_new_tokens[i]` tokens long."""
+    return [g.text for g in greedy_generations(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)]

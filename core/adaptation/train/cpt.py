@@ -300,7 +300,7 @@ def run_cpt(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     bf16 = cuda and torch.cuda.is_bf16_supported()
-    original = _OriginalState.capture(model)
+    original = OriginalState.capture(model)
     module: nn.Module = model
     try:
         if not bf16:
@@ -448,7 +448,7 @@ def _cancel_requested(
 
 
 @dataclass(frozen=True)
-class _OriginalState:
+class OriginalState:
     """What `run_cpt` changes on the caller's model besides the trained values, to put back at the end."""
 
     dtypes: dict[str, torch.dtype]
@@ -457,7 +457,7 @@ class _OriginalState:
     training: bool
 
     @classmethod
-    def capture(cls, model: nn.Module) -> _OriginalState:
+    def capture(cls, model: nn.Module) -> OriginalState:
         named = dict(model.named_parameters())
         return cls(
             dtypes={n: p.dtype for n, p in named.items()},
@@ -481,7 +481,7 @@ def _save_final(
     module: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     paths: _Paths,
-    original: _OriginalState,
+    original: OriginalState,
     accelerator: Accelerator,
 ) -> tuple[str, str | None]:
     """Write `model/` (and `lora/` for lora+head: the adapter alone, before merging it into `model`)."""
