@@ -1,6 +1,6 @@
 """The adaptation job as an ordered graph of resumable stages.
 
-    tokenizer -> init -> cpt -> propagate:<variant>... -> evaluate
+    tokenizer -> init -> cpt -> propagate:<variant>... -> [calibration-data -> calibrate:<variant>...] -> evaluate
 
 Each stage writes into `<run_dir>/<stage>/` through a temporary directory renamed into place, then a manifest
 (sha256 and size per file). A stage whose directory is complete is skipped, so re-running a spec over the same run
@@ -15,9 +15,10 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.adaptation.calibration import CalibrationOptions, build_calibration_set, save_examples
 from core.adaptation.corpus import iter_documents, require_documents
 from core.adaptation.errors import AdaptationInputError
 from core.adaptation.evaluate import EvalData, evaluate
@@ -27,6 +28,7 @@ from core.adaptation.sources import load_model, load_tokenizer, save_pretrained
 from core.adaptation.spec import AdaptationSpec
 from core.adaptation.surgery import change_vocabulary
 from core.adaptation.train.cpt import CPTConfig, run_cpt
+from core.adaptation.train.sft import SFTConfig, run_sft
 from core.adaptation.vocab import VocabOptions, build_vocab
 
 Event = Callable[[dict[str, Any]], None]
@@ -171,6 +173,65 @@ def _propagate_stage(variant: str) -> Callable[[RunContext, str], dict[str, Any]
     return run
 
 
+CALIBRATION_EXAMPLES = "examples.jsonl"
+
+
+def _calibration_data_stage(ctx: RunContext, out: str) -> dict[str, Any]:
+    """Self-calibration answers of the original instruct model (cached across runs) plus copy examples."""
+    assert ctx.spec.instruct_model is not None
+    calibration = ctx.spec.calibration
+    options = CalibrationOptions(
+        language=calibration.language,
+        self_calibration_examples=calibration.self_calibration_examples,
+        copy_examples=calibration.copy_examples,
+        prompt_file=calibration.prompt_file,
+        max_new_tokens=calibration.max_new_tokens,
+    )
+    instruct, instruct_tokenizer = load_model(ctx.spec.instruct_model)
+    examples, stats = build_calibration_set(
+        instruct,
+        instruct_tokenizer,
+        ctx.spec.corpus,
+        options,
+        ctx.path("calibration.cache.jsonl"),
+        progress=lambda data: ctx.emit({"type": "metrics", "stage": "calibration-data", "data": data}),
+        should_cancel=ctx.should_cancel,
+    )
+    if stats.cancelled:
+        raise StageCancelled("calibration data cancelled (answers so far are cached)")
+    save_examples(examples, os.path.join(out, CALIBRATION_EXAMPLES))
+    return asdict(stats)
+
+
+def _calibrate_stage(variant: str) -> Callable[[RunContext, str], dict[str, Any]]:
+    def run(ctx: RunContext, out: str) -> dict[str, Any]:
+        calibration = ctx.spec.calibration
+        with open(os.path.join(ctx.path("calibration-data"), CALIBRATION_EXAMPLES), encoding="utf-8") as handle:
+            examples = [json.loads(line) for line in handle]
+        model, tokenizer = load_model(ctx.path(f"propagate:{variant}"))
+        config = SFTConfig(
+            lr=calibration.lr,
+            epochs=calibration.epochs,
+            batch_size=calibration.batch_size,
+            grad_accum_steps=calibration.grad_accum,
+            max_len=calibration.max_len,
+        )
+        result = run_sft(
+            model,
+            tokenizer,
+            examples,
+            config,
+            progress=lambda data: ctx.emit({"type": "metrics", "stage": f"calibrate:{variant}", "data": data}),
+            should_cancel=ctx.should_cancel,
+        )
+        if result.cancelled:
+            raise StageCancelled(f"calibrate:{variant} cancelled at step {result.steps}")
+        save_pretrained(model, tokenizer, out)
+        return asdict(result)
+
+    return run
+
+
 def _eval_data(ctx: RunContext) -> EvalData:
     spec, limit = ctx.spec, ctx.spec.evaluation.heldout_chars
     target = list(iter_documents(spec.heldout, limit_chars=limit))
@@ -185,6 +246,8 @@ def models_to_evaluate(ctx: RunContext) -> dict[str, str]:
         return {"original": spec.base_model, "adapted": ctx.path("cpt")}
     models = {"original": spec.instruct_model}
     models.update({f"propagated:{v}": ctx.path(f"propagate:{v}") for v in spec.propagation.variants})
+    if spec.calibration.method != "none":
+        models.update({f"calibrated:{v}": ctx.path(f"calibrate:{v}") for v in spec.propagation.variants})
     return models
 
 
@@ -206,6 +269,9 @@ def stages(spec: AdaptationSpec) -> list[Stage]:
     graph = [Stage("tokenizer", _tokenizer_stage), Stage("init", _init_stage), Stage("cpt", _cpt_stage)]
     if spec.instruct_model is not None:
         graph += [Stage(f"propagate:{v}", _propagate_stage(v)) for v in spec.propagation.variants]
+        if spec.calibration.method != "none":
+            graph.append(Stage("calibration-data", _calibration_data_stage))
+            graph += [Stage(f"calibrate:{v}", _calibrate_stage(v)) for v in spec.propagation.variants]
     graph.append(Stage("evaluate", _evaluate_stage))
     return graph
 

@@ -72,7 +72,20 @@ class PropagationSpec(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    method: Literal["none"] = "none"
+    """LEP §2.4.2: a short SFT of I' on self-calibration answers of I plus a copy task (paper: 13.5 K + 10 K,
+    LoRA r 8 / alpha 1 on the first and last layers with embeddings and head, lr 2.5e-5, 1 epoch)."""
+
+    method: Literal["none", "self+copy"] = "none"
+    language: str = Field("ru", description="target language of the instructions (ru, en; others use English)")
+    self_calibration_examples: int = Field(13_500, ge=0)
+    copy_examples: int = Field(10_000, ge=0)
+    prompt_file: str | None = None
+    max_new_tokens: int = Field(512, gt=0)
+    lr: float = Field(2.5e-5, gt=0)
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    max_len: int = Field(1024, gt=1)
 
 
 class EvaluationSpec(_Strict):

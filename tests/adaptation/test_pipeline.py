@@ -134,3 +134,38 @@ def test_lora_cpt_delta_reaches_the_instruct_model(tmp_path, models, ru_corpus) 
     propagated = next(s for s in report.stages if s["stage"] == "propagate:swap")
     assert propagated["lora_modules_merged"] == 14 and propagated["lora_scale"] == 0.5
     assert (tmp_path / "run" / "cpt" / "lora_adapter" / "adapter_config.json").exists()
+
+
+def test_calibration_stages_follow_propagation(tmp_path, models, ru_corpus) -> None:
+    spec = _spec(
+        models,
+        ru_corpus,
+        cpt={"steps": 2, "seq_len": 32, "batch_size": 2, "warmup_steps": 0},
+        propagation={"variant": ["swap", "conversion"]},
+        calibration={
+            "method": "self+copy",
+            "self_calibration_examples": 4,
+            "copy_examples": 3,
+            "max_new_tokens": 8,
+            "batch_size": 4,
+            "grad_accum": 1,
+            "max_len": 160,
+            "lr": 1e-3,
+        },
+        evaluation={"tasks": ["bits_per_char"], "heldout_chars": 2000},
+    )
+    report = run_pipeline(spec, str(tmp_path / "run"))
+    by_name = {s["stage"]: s for s in report.stages}
+    assert list(by_name)[-4:] == ["calibration-data", "calibrate:swap", "calibrate:conversion", "evaluate"]
+    data = by_name["calibration-data"]
+    assert data["prompts"] == 4 and data["generated"] == 4 and data["copy_examples"] == 3
+    assert data["examples"] == data["kept"] + 3
+    assert by_name["calibrate:conversion"]["steps"] >= 1
+    assert {r["model"] for r in report.scores} == {
+        "original",
+        "propagated:swap",
+        "propagated:conversion",
+        "calibrated:swap",
+        "calibrated:conversion",
+    }
+    assert (tmp_path / "run" / "calibration.cache.jsonl").exists()  # answers of I, reused by later runs

@@ -65,13 +65,13 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return stops
 
 
-@torch.inference_mode()
 @dataclass(frozen=True)
 class Generation:
     text: str  # the continuation, special tokens dropped
     finished: bool  # an end token ended it (False: it ran into its max_new_tokens)
 
 
+@torch.inference_mode()
 def greedy_generations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
