@@ -15,7 +15,7 @@ from core.adaptation.corpus import require_documents
 from core.adaptation.fsutil import atomic_output_dir
 from core.adaptation.init import INIT_METHODS
 from core.adaptation.pipeline import run_pipeline
-from core.adaptation.propagate import VARIANTS, propagate_embeddings
+from core.adaptation.propagate import VARIANTS, propagate_saved
 from core.adaptation.sources import load_model, load_tokenizer, save_pretrained
 from core.adaptation.spec import load_spec
 from core.adaptation.surgery import change_vocabulary
@@ -80,21 +80,17 @@ def embed_init(args: argparse.Namespace) -> None:
 
 
 def propagate(args: argparse.Namespace) -> None:
-    base, base_tokenizer = load_model(args.base)
-    adapted, adapted_tokenizer = load_model(args.adapted_base)
-    instruct, instruct_tokenizer = load_model(args.instruct)
     with atomic_output_dir(args.out) as tmp:
-        tokenizer, report = propagate_embeddings(
-            base=base,
-            base_tokenizer=base_tokenizer,
-            adapted=adapted,
-            adapted_tokenizer=adapted_tokenizer,
-            instruct=instruct,
-            instruct_tokenizer=instruct_tokenizer,
+        report = propagate_saved(
+            base=args.base,
+            adapted_base=args.adapted_base,
+            instruct=args.instruct,
             variant=args.variant,
+            out_dir=tmp,
+            lora_adapter=args.lora_adapter,
+            lora_scale=args.lora_scale,
         )
-        save_pretrained(instruct, tokenizer, tmp)
-    _emit({**report.__dict__, "out": os.path.abspath(args.out)})
+    _emit({**report, "out": os.path.abspath(args.out)})
 
 
 def run(args: argparse.Namespace) -> None:
@@ -159,5 +155,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     lep.add_argument("--adapted-base", required=True, help="adapted base model B' (new vocabulary)")
     lep.add_argument("--instruct", required=True, help="instruct model I (old vocabulary)")
     lep.add_argument("--variant", required=True, choices=VARIANTS)
+    lep.add_argument("--lora-adapter", help="LoRA adapter learned on B during CPT (lora+head): merged into I")
+    lep.add_argument("--lora-scale", type=float, default=1.0, help="scale of the merged LoRA delta")
     lep.add_argument("--out", required=True)
     lep.set_defaults(handler=propagate)

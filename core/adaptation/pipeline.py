@@ -23,7 +23,7 @@ from core.adaptation.corpus import iter_documents, require_documents
 from core.adaptation.errors import AdaptationInputError
 from core.adaptation.evaluate import EvalData, evaluate
 from core.adaptation.manifest import is_complete, read_manifest, write_manifest
-from core.adaptation.propagate import merge_layer_delta, propagate_embeddings
+from core.adaptation.propagate import propagate_saved
 from core.adaptation.sources import load_model, load_tokenizer, save_pretrained
 from core.adaptation.spec import AdaptationSpec
 from core.adaptation.surgery import change_vocabulary
@@ -149,26 +149,16 @@ def _cpt_stage(ctx: RunContext, out: str) -> dict[str, Any]:
 def _propagate_stage(variant: str) -> Callable[[RunContext, str], dict[str, Any]]:
     def run(ctx: RunContext, out: str) -> dict[str, Any]:
         assert ctx.spec.instruct_model is not None
-        base, base_tokenizer = load_model(ctx.spec.base_model)
-        adapted, adapted_tokenizer = load_model(ctx.path("cpt"))
-        instruct, instruct_tokenizer = load_model(ctx.spec.instruct_model)
-        tokenizer, report = propagate_embeddings(
-            base=base,
-            base_tokenizer=base_tokenizer,
-            adapted=adapted,
-            adapted_tokenizer=adapted_tokenizer,
-            instruct=instruct,
-            instruct_tokenizer=instruct_tokenizer,
-            variant=variant,  # type: ignore[arg-type]
-        )
-        info = dict(report.__dict__)
         adapter = os.path.join(ctx.path("cpt"), LORA_ADAPTER)
-        if os.path.isdir(adapter):
-            scale = ctx.spec.propagation.lora_scale
-            info["lora_modules_merged"] = merge_layer_delta(instruct, adapter, scale=scale)
-            info["lora_scale"] = scale
-        save_pretrained(instruct, tokenizer, out)
-        return info
+        return propagate_saved(
+            base=ctx.spec.base_model,
+            adapted_base=ctx.path("cpt"),
+            instruct=ctx.spec.instruct_model,
+            variant=variant,  # type: ignore[arg-type]
+            out_dir=out,
+            lora_adapter=adapter if os.path.isdir(adapter) else None,
+            lora_scale=ctx.spec.propagation.lora_scale,
+        )
 
     return run
 

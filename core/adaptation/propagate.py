@@ -44,6 +44,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTok
 
 from core.adaptation.errors import AdaptationInputError
 from core.adaptation.mapping import VocabMapping
+from core.adaptation.sources import load_model, save_pretrained
 from core.adaptation.surgery import check_tokenizer_matches, has_tied_head, set_vocab_rows
 from core.adaptation.tokens import Vocabulary
 
@@ -266,3 +267,35 @@ def merge_layer_delta(instruct: PreTrainedModel, adapter_dir: str, *, scale: flo
             module.weight.copy_((module.weight.to(torch.float64) + delta).to(module.weight.dtype))
         merged += 1
     return merged
+
+
+def propagate_saved(
+    *,
+    base: str,
+    adapted_base: str,
+    instruct: str,
+    variant: Variant,
+    out_dir: str,
+    lora_adapter: str | None = None,
+    lora_scale: float = 1.0,
+) -> dict[str, object]:
+    """Load B, B' and I from specs, propagate (embeddings, then the LoRA layer delta if given), save I' to
+    `out_dir`; returns the propagation report as a dict."""
+    base_model, base_tokenizer = load_model(base)
+    adapted_model, adapted_tokenizer = load_model(adapted_base)
+    instruct_model, instruct_tokenizer = load_model(instruct)
+    tokenizer, report = propagate_embeddings(
+        base=base_model,
+        base_tokenizer=base_tokenizer,
+        adapted=adapted_model,
+        adapted_tokenizer=adapted_tokenizer,
+        instruct=instruct_model,
+        instruct_tokenizer=instruct_tokenizer,
+        variant=variant,
+    )
+    info: dict[str, object] = dict(report.__dict__)
+    if lora_adapter is not None:
+        info["lora_modules_merged"] = merge_layer_delta(instruct_model, lora_adapter, scale=lora_scale)
+        info["lora_scale"] = lora_scale
+    save_pretrained(instruct_model, tokenizer, out_dir)
+    return info
