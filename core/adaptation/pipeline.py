@@ -24,7 +24,7 @@ from core.adaptation.errors import AdaptationInputError
 from core.adaptation.evaluate import EvalData, evaluate
 from core.adaptation.manifest import is_complete, read_manifest, write_manifest
 from core.adaptation.propagate import propagate_saved
-from core.adaptation.sources import load_model, load_tokenizer, save_pretrained
+from core.adaptation.sources import load_model, load_tokenizer, resolve, save_pretrained
 from core.adaptation.spec import AdaptationSpec
 from core.adaptation.surgery import change_vocabulary
 from core.adaptation.train.cpt import CPTConfig, run_cpt
@@ -271,6 +271,9 @@ MERA_TASKS = {"mc_ruworldtree", "mera_arith"}
 
 def _check_inputs(spec: AdaptationSpec) -> None:
     """Fail before any heavy work on inputs that would only fail a late stage."""
+    for model in (spec.base_model, spec.instruct_model):
+        if model is not None:
+            resolve(model)
     next(require_documents(spec.corpus))
     next(require_documents(spec.heldout))
     for extra in (spec.source_heldout, spec.vocab.source_corpus):

@@ -89,7 +89,7 @@ def available_shortcuts() -> dict[str, str]:
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerFast:
     """Load the tokenizer named by `spec` (shortcut, HF dir, .gguf, SentencePiece, tiktoken or tokenizer.json)."""
-    path = _resolve(spec)
+    path = resolve(spec)
     kind = _sniff(path)
     if kind == "tokenizer_json":
         return _tokenizer_json(path)
@@ -102,7 +102,7 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerFast:
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a causal LM and its tokenizer from a shortcut, HF dir or .gguf file; GGUF weights come de-quantized."""
-    path = _resolve(spec)
+    path = resolve(spec)
     kind = _sniff(path)
     if kind in _TOKENIZER_KINDS:
         raise AdaptationInputError(f"{spec} is a tokenizer, not a model")
@@ -123,8 +123,8 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, 
         tokenizer.save_pretrained(tmp)
 
 
-def _resolve(spec: str) -> str:
-    """The local path a spec names: a shortcut's file or an existing path."""
+def resolve(spec: str) -> str:
+    """The local path a spec names: a shortcut's file or an existing path (`AdaptationInputError` otherwise)."""
     if spec in _SHORTCUTS:
         path = available_shortcuts().get(spec)
         if path is None:

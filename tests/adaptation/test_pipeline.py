@@ -120,6 +120,10 @@ def test_cli_run_prints_the_report(tmp_path, models, ru_corpus, capsys) -> None:
     bad.write_text(yaml.safe_dump({**spec.model_dump(mode="json"), "evaluation": {"tasks": ["mc_ruworldtree"]}}))
     assert main(["run", str(bad), "--out", str(tmp_path / "run2")]) == 2
     assert "mera_dir" in capsys.readouterr().err and not (tmp_path / "run2").exists()
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({**spec.model_dump(mode="json"), "instruct_model": str(tmp_path / "nope")}))
+    assert main(["run", str(missing), "--out", str(tmp_path / "run3")]) == 2  # found before any stage runs
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "run3").exists()
 
 
 def test_lora_cpt_delta_reaches_the_instruct_model(tmp_path, models, ru_corpus) -> None:
