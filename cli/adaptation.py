@@ -27,11 +27,6 @@ def _emit(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, ensure_ascii=False), flush=True)
 
 
-def _write_json(path: str, payload: Any) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, ensure_ascii=False, indent=2)
-
-
 def tokenizer_stats(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.tokenizer)
     texts = list(require_documents(args.corpus, limit_chars=args.limit_chars))
@@ -54,12 +49,8 @@ def vocab_build(args: argparse.Namespace) -> None:
     source = load_tokenizer(args.source)
     with atomic_output_dir(args.out) as tmp:
         result = build_vocab(args.method, source, args.corpus, options)
-        result.tokenizer.save_pretrained(tmp)
-        report = result.report.to_dict()
-        _write_json(os.path.join(tmp, "vocab_report.json"), report)
-        if result.removed:
-            _write_json(os.path.join(tmp, "removed_tokens.json"), result.removed)
-    _emit(report)
+        result.save(tmp)
+    _emit(result.report.to_dict())
 
 
 def embed_init(args: argparse.Namespace) -> None:

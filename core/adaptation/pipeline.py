@@ -76,10 +76,7 @@ def _tokenizer_stage(ctx: RunContext, out: str) -> dict[str, Any]:
         source_corpus=vocab.source_corpus,
     )
     result = build_vocab(vocab.method, load_tokenizer(ctx.spec.base_model), ctx.spec.corpus, options)
-    result.tokenizer.save_pretrained(out)
-    if result.removed:
-        with open(os.path.join(out, "removed_tokens.json"), "w", encoding="utf-8") as handle:
-            json.dump(result.removed, handle, ensure_ascii=False)
+    result.save(out)
     return result.report.to_dict()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -70,6 +71,16 @@ class VocabResult:
     tokenizer: PreTrainedTokenizerFast
     report: VocabReport
     removed: list[str] = field(default_factory=list)  # raw pieces of source tokens dropped (optimized)
+
+    def save(self, directory: str) -> None:
+        """The tokenizer files, `vocab_report.json` and (when tokens were dropped) `removed_tokens.json`."""
+        self.tokenizer.save_pretrained(directory)
+        files: dict[str, Any] = {"vocab_report.json": self.report.to_dict()}
+        if self.removed:
+            files["removed_tokens.json"] = self.removed
+        for name, payload in files.items():
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
+                json.dump(payload, handle, ensure_ascii=False, indent=2)
 
 
 def training_texts(corpus: str, options: VocabOptions) -> Iterator[str]:
