@@ -7,6 +7,7 @@ import gzip
 import json
 import lzma
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -34,12 +35,12 @@ def _split_suffixes(path: str) -> tuple[str, str | None]:
 
 def _open_text(path: str) -> IO[str]:
     if not os.path.isfile(path):
-        raise AdaptationInputError(f"corpus file not found: {path}")
+        raise AdaptationInputError(f"corpus file not found: {path}", "file_not_found")
     _, compression = _split_suffixes(path)
     opener = _OPENERS.get(compression or "", open)
     with opener(path, "rb") as raw:  # type: ignore[operator]
         if b"\x00" in raw.read(_SNIFF_BYTES):
-            raise AdaptationInputError(f"{path}: binary data (NUL bytes), expected UTF-8 text")
+            raise AdaptationInputError(f"{path}: binary data (NUL bytes), expected UTF-8 text", "binary_file")
     # errors="strict": non-UTF-8 data must fail loudly, not be silently replaced.
     return opener(path, "rt", encoding="utf-8", errors="strict")  # type: ignore[operator]
 
@@ -58,17 +59,21 @@ def iter_documents(path: str, *, limit_chars: int | None = None) -> Iterator[str
         with _open_text(path) as stream:
             for line_no, line in enumerate(stream, start=1):
                 if "\x00" in line:
-                    raise AdaptationInputError(f"{path}: binary data (NUL byte) on line {line_no}")
+                    raise AdaptationInputError(f"{path}: binary data (NUL byte) on line {line_no}", "binary_file")
                 if fmt == ".jsonl":
                     if not line.strip():
                         continue
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise AdaptationInputError(f"{path}: line {line_no} is not valid JSON ({exc.msg})") from None
+                        raise AdaptationInputError(
+                            f"{path}: line {line_no} is not valid JSON ({exc.msg})", "invalid_jsonl"
+                        ) from None
                     text = record.get("text") if isinstance(record, dict) else None
                     if not isinstance(text, str):
-                        raise AdaptationInputError(f"{path}: line {line_no} has no string 'text' field")
+                        raise AdaptationInputError(
+                            f"{path}: line {line_no} has no string 'text' field", "invalid_jsonl"
+                        )
                 else:
                     text = line.rstrip("\n")
                 if not text.strip():
@@ -79,12 +84,12 @@ def iter_documents(path: str, *, limit_chars: int | None = None) -> Iterator[str
                 produced += len(text)
                 yield text
     except UnicodeDecodeError as exc:
-        raise AdaptationInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except (lzma.LZMAError, gzip.BadGzipFile, EOFError, OSError) as exc:
+        raise AdaptationInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", "not_utf8") from None
+    except (lzma.LZMAError, gzip.BadGzipFile, zlib.error, EOFError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         kind = compression or "file"
-        raise AdaptationInputError(f"{path}: unreadable {kind} data ({exc})") from None
+        raise AdaptationInputError(f"{path}: unreadable {kind} data ({exc})", "corrupt_file") from None
 
 
 def require_documents(path: str, *, limit_chars: int | None = None) -> Iterator[str]:
@@ -92,7 +97,7 @@ def require_documents(path: str, *, limit_chars: int | None = None) -> Iterator[
     docs = iter_documents(path, limit_chars=limit_chars)
     first = next(docs, None)
     if first is None:
-        raise AdaptationInputError(f"{path}: corpus is empty (no non-blank documents)")
+        raise AdaptationInputError(f"{path}: corpus is empty (no non-blank documents)", "empty_corpus")
 
     def chained() -> Iterator[str]:
         yield first
@@ -106,4 +111,27 @@ def corpus_stats(path: str, *, limit_chars: int | None = None) -> CorpusStats:
     for doc in iter_documents(path, limit_chars=limit_chars):
         documents += 1
         chars += len(doc)
+    return CorpusStats(documents=documents, chars=chars)
+
+
+def split_heldout(path: str, heldout_chars: int, train_out: str, heldout_out: str) -> CorpusStats:
+    """Write the corpus's first `heldout_chars` characters to `heldout_out` and the rest to `train_out` (both
+    `.jsonl`), so a job given one file never trains on the text it is evaluated on. Returns the held-out stats."""
+    documents = chars = train_documents = 0
+    with open(train_out, "w", encoding="utf-8") as train, open(heldout_out, "w", encoding="utf-8") as heldout:
+        for doc in require_documents(path):
+            if chars < heldout_chars:
+                take = doc[: heldout_chars - chars]
+                heldout.write(json.dumps({"text": take}, ensure_ascii=False) + "\n")
+                documents, chars = documents + 1, chars + len(take)
+                doc = doc[len(take) :]
+            if doc.strip():
+                train.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+                train_documents += 1
+    if not train_documents:
+        raise AdaptationInputError(
+            f"{path}: nothing left to train on after holding out {heldout_chars} characters for evaluation "
+            "(give a separate held-out file or a larger corpus)",
+            "corpus_too_small",
+        )
     return CorpusStats(documents=documents, chars=chars)

@@ -6,4 +6,9 @@ to a 4xx / a failed job of kind `user`.
 
 
 class AdaptationInputError(ValueError):
-    """The input (file, corpus, tokenizer, model, option) is unusable; the message names the problem."""
+    """The input (file, corpus, tokenizer, model, option) is unusable; the message names the problem and `code`
+    classifies it for machines (e.g. `empty_corpus`, `not_utf8`)."""
+
+    def __init__(self, message: str, code: str = "invalid_input") -> None:
+        super().__init__(message)
+        self.code = code

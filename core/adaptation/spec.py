@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate import TASK_NAMES
+from core.adaptation.task_names import TASK_NAMES
 
 Variant = Literal["swap", "overlap", "conversion"]
 

@@ -8,7 +8,7 @@ import lzma
 
 import pytest
 
-from core.adaptation.corpus import corpus_stats, iter_documents, require_documents
+from core.adaptation.corpus import corpus_stats, iter_documents, require_documents, split_heldout
 from core.adaptation.errors import AdaptationInputError
 
 DOCS = ["Первый документ.", "Second document", "третий — ёж"]
@@ -58,3 +58,24 @@ def test_bad_corpora_are_named_errors(tmp_path, name, content, message) -> None:
         path.write_bytes(content)
     with pytest.raises(AdaptationInputError, match=message):
         list(require_documents(str(path)))
+
+
+def test_corrupt_deflate_stream_is_a_named_error(tmp_path) -> None:
+    # A valid gzip header followed by a broken deflate block raises zlib.error, not BadGzipFile.
+    path = tmp_path / "bad.txt.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00" + b"not really gzip" * 10)
+    with pytest.raises(AdaptationInputError, match="unreadable .gz data") as info:
+        list(iter_documents(str(path)))
+    assert info.value.code == "corrupt_file"
+
+
+def test_split_heldout_keeps_evaluated_text_out_of_training(tmp_path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("aaaa\nbbbbbb\ncccc\n", encoding="utf-8")
+    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    stats = split_heldout(str(corpus), 7, str(train), str(heldout))
+    assert list(iter_documents(str(heldout))) == ["aaaa", "bbb"] and stats.chars == 7
+    assert list(iter_documents(str(train))) == ["bbb", "cccc"]
+    with pytest.raises(AdaptationInputError) as info:
+        split_heldout(str(corpus), 100, str(train), str(heldout))
+    assert info.value.code == "corpus_too_small"

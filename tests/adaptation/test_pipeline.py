@@ -173,3 +173,17 @@ def test_calibration_stages_follow_propagation(tmp_path, models, ru_corpus) -> N
         "calibrated:conversion",
     }
     assert (tmp_path / "run" / "calibration.cache.jsonl").exists()  # answers of I, reused by later runs
+
+
+def test_stage_hook_and_cancel_between_stages(tmp_path, models, ru_corpus) -> None:
+    spec = _spec(models, ru_corpus, instruct=False, evaluation={"tasks": ["symbols_per_token"], "heldout_chars": 2000})
+    with pytest.raises(StageCancelled, match="before stage 'tokenizer'"):
+        run_pipeline(spec, str(tmp_path / "run"), should_cancel=lambda: True)
+    assert not (tmp_path / "run" / "tokenizer").exists()
+    completed: list[tuple[str, bool]] = []
+    run_pipeline(
+        spec,
+        str(tmp_path / "run"),
+        on_stage_complete=lambda stage, path: completed.append((stage, is_complete(path))),
+    )
+    assert completed == [("tokenizer", True), ("init", True), ("cpt", True), ("evaluate", True)]

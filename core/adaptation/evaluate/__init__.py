@@ -29,6 +29,7 @@ from core.adaptation.evaluate.mc_ruworldtree import mc_ruworldtree
 from core.adaptation.evaluate.mera_arith import mera_arith
 from core.adaptation.evaluate.micro_avg import MICRO_AVG_METRICS, micro_avg
 from core.adaptation.evaluate.symbols_per_token import symbols_per_token
+from core.adaptation.task_names import MICRO_AVG, MODEL_TASKS, TASK_NAMES
 
 TASKS: dict[str, TaskFn] = {
     "symbols_per_token": symbols_per_token,
@@ -38,8 +39,7 @@ TASKS: dict[str, TaskFn] = {
     "mc_ruworldtree": mc_ruworldtree,
     "mera_arith": mera_arith,
 }
-MICRO_AVG = "micro_avg"
-TASK_NAMES: tuple[str, ...] = (*TASKS, MICRO_AVG)
+assert tuple(TASKS) == MODEL_TASKS, "core.adaptation.task_names is out of date"
 
 
 def evaluate(
