@@ -1,0 +1,171 @@
+"""What a worker does to a job row: claim it, heartbeat, report stage / progress / events, record artifacts and
+scores, finish it. And the reaper, which fails jobs whose worker stopped heartbeating.
+
+Each function is one short transaction, so the job row is always current for pollers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from jobs.models import Artifact, Job, JobEvent, JobStatus, Score, utcnow
+
+ACTIVE = (JobStatus.running, JobStatus.cancelling)
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str
+    message: str
+    stage: str | None
+    kind: str  # user | system
+
+
+def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
+    """queued -> running for this worker; None when the job is not queued (cancelled, already taken, missing)."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(status=JobStatus.running, worker=worker, heartbeat_at=now, started_at=now, updated_at=now)
+    ).rowcount
+    session.commit()
+    return session.get(Job, job_id) if claimed else None
+
+
+def heartbeat(session: Session, job_id: str, worker: str) -> bool:
+    """Refresh the heartbeat; True when the worker should stop (cancel asked, or the job is no longer its own)."""
+    owned = session.execute(
+        update(Job).where(Job.id == job_id, Job.worker == worker, Job.status.in_(ACTIVE)).values(heartbeat_at=utcnow())
+    ).rowcount
+    session.commit()
+    if not owned:
+        return True
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    *,
+    type: str,
+    message: str = "",
+    stage: str | None = None,
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+) -> None:
+    session.add(JobEvent(job_id=job_id, type=type, message=message, stage=stage, level=level, data=data))
+    session.commit()
+
+
+def set_stage(session: Session, job_id: str, stage: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(stage=stage, progress_step=None, progress_total=None, eta_s=None, updated_at=utcnow())
+    )
+    session.commit()
+
+
+def set_progress(session: Session, job_id: str, *, step: int, total: int, eta_s: float | None) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(progress_step=step, progress_total=total, eta_s=eta_s))
+    session.commit()
+
+
+def record_artifacts(session: Session, job_id: str, entries: list[Artifact]) -> None:
+    """Insert or replace artifact rows (a re-run stage replaces its files)."""
+    for entry in entries:
+        session.merge(entry)
+    session.commit()
+
+
+def artifacts_of(session: Session, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def record_scores(session: Session, job: Job, rows: list[dict[str, Any]]) -> None:
+    """Replace the job's score rows with the evaluate stage's output."""
+    session.execute(delete(Score).where(Score.job_id == job.id))
+    for row in rows:
+        model = str(row["model"])
+        session.add(
+            Score(
+                job_id=job.id,
+                team_id=job.team_id,
+                model=model,
+                variant=model.split(":", 1)[1] if ":" in model else None,
+                task=row["task"],
+                metric=row["metric"],
+                value=float(row["value"]),
+                n=int(row["n"]),
+            )
+        )
+    session.commit()
+
+
+def finish_job(session: Session, job_id: str, worker: str, status: JobStatus, error: JobError | None = None) -> bool:
+    """running/cancelling -> a terminal status, only while this worker owns the job."""
+    now = utcnow()
+    values: dict[str, Any] = {"status": status, "finished_at": now, "updated_at": now, "eta_s": None}
+    if error is not None:
+        values.update(
+            error_code=error.code, error_message=error.message[:4000], error_stage=error.stage, error_kind=error.kind
+        )
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.worker == worker, Job.status.in_(ACTIVE)).values(**values)
+    ).rowcount
+    session.commit()
+    return bool(done)
+
+
+def reap_stale(session: Session, timeout_s: float) -> list[str]:
+    """Fail (system error, retryable) the active jobs whose worker has not heartbeated for `timeout_s`."""
+    cutoff = utcnow() - timedelta(seconds=timeout_s)
+    stale = list(session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.heartbeat_at < cutoff)))
+    reaped = []
+    for job in stale:
+        cancelling = job.status == JobStatus.cancelling
+        values: dict[str, Any] = {
+            "status": JobStatus.cancelled if cancelling else JobStatus.failed,
+            "finished_at": utcnow(),
+            "updated_at": utcnow(),
+            "eta_s": None,
+        }
+        if not cancelling:
+            values.update(
+                error_code="worker_lost",
+                error_message=f"the worker stopped heartbeating for over {timeout_s:.0f} s (crashed or killed)",
+                error_stage=job.stage,
+                error_kind="system",
+            )
+        changed = session.execute(
+            update(Job).where(Job.id == job.id, Job.status == job.status, Job.heartbeat_at < cutoff).values(**values)
+        ).rowcount
+        if changed:
+            session.add(
+                JobEvent(
+                    job_id=job.id,
+                    type="message",
+                    level="error",
+                    stage=job.stage,
+                    message="worker lost: job marked " + str(values["status"]),
+                )
+            )
+            reaped.append(job.id)
+    session.commit()
+    return reaped
+
+
+def undispatched(session: Session, older_than_s: float) -> list[str]:
+    """Queued jobs the broker never took (it was down at submit or retry time)."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return list(
+        session.scalars(
+            select(Job.id).where(Job.status == JobStatus.queued, Job.dispatched_at.is_(None), Job.updated_at < cutoff)
+        )
+    )

@@ -1,0 +1,63 @@
+"""The Celery side both processes share: one base configuration, and dispatch of "run job X" messages.
+
+The API builds the same app as a client (it only sends task names) so it never imports training code; the
+worker (`worker/app.py`) registers the tasks on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from celery import Celery
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from jobs.models import Job, utcnow
+from jobs.settings import Settings
+
+RUN_JOB = "langadapt.run_job"
+REAP = "langadapt.reap"
+GPU_QUEUE = "gpu"
+MAINTENANCE_QUEUE = "maintenance"
+
+log = logging.getLogger(__name__)
+
+
+def celery_app(settings: Settings) -> Celery:
+    app = Celery("langadapt", broker=settings.broker, set_as_current=False)
+    app.conf.update(
+        task_ignore_result=True,  # the job table is the source of truth, not a result backend
+        task_acks_late=True,  # a message is acknowledged only after the job ran
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,  # one job per GPU
+        task_default_queue=GPU_QUEUE,
+        task_routes={RUN_JOB: {"queue": GPU_QUEUE}, REAP: {"queue": MAINTENANCE_QUEUE}},
+        broker_transport_options=_transport_options(settings),
+        broker_connection_timeout=5,
+        broker_connection_retry_on_startup=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        beat_schedule={"reap-stale-jobs": {"task": REAP, "schedule": timedelta(seconds=settings.reaper_interval_s)}},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def _transport_options(settings: Settings) -> dict[str, int]:
+    if settings.broker.startswith(("redis", "rediss", "sqs")):
+        # Redis redelivers unacknowledged messages after this; it must exceed the longest job.
+        return {"visibility_timeout": settings.visibility_timeout_s}
+    return {}  # the embedded SQLite broker passes its options to create_engine
+
+
+def dispatch(session: Session, app: Celery, job_id: str) -> bool:
+    """Send "run job X"; on success mark the job dispatched. A job the broker did not take stays undispatched and
+    the reaper sends it again, so a broker outage delays jobs but never loses them."""
+    try:
+        app.send_task(RUN_JOB, args=[job_id], queue=GPU_QUEUE)
+    except Exception as exc:  # kombu raises many types for an unreachable broker
+        log.warning("could not dispatch %s: %s", job_id, exc)
+        return False
+    session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+    session.commit()
+    return True

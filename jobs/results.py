@@ -1,0 +1,79 @@
+"""Score rows joined with their job's parameters, for dashboards: filter, group, newest first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, exists, func, select
+from sqlalchemy.orm import Session
+
+from jobs.models import Job, JobLabel, Score, Team
+
+# group-by / filter name -> column
+COLUMNS: dict[str, Any] = {
+    "task": Score.task,
+    "metric": Score.metric,
+    "model": Score.model,
+    "variant": Score.variant,
+    "vocab_method": Job.vocab_method,
+    "init_method": Job.init_method,
+    "base_model": Job.base_model,
+    "instruct_model": Job.instruct_model,
+    "job_id": Score.job_id,
+}
+
+
+@dataclass
+class ResultFilter:
+    equals: dict[str, str] = field(default_factory=dict)  # keys of COLUMNS
+    labels: list[tuple[str, str]] = field(default_factory=list)
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def _where(query: Select[Any], team: Team, flt: ResultFilter) -> Select[Any]:
+    conditions: list[ColumnElement[bool]] = [Score.team_id == team.id]
+    conditions += [COLUMNS[name] == value for name, value in flt.equals.items()]
+    conditions += [
+        exists().where(JobLabel.job_id == Score.job_id, JobLabel.key == key, JobLabel.value == value)
+        for key, value in flt.labels
+    ]
+    if flt.since is not None:
+        conditions.append(Score.created_at >= flt.since)
+    if flt.until is not None:
+        conditions.append(Score.created_at < flt.until)
+    return query.join(Job, Job.id == Score.job_id).where(*conditions)
+
+
+def list_results(
+    session: Session, team: Team, flt: ResultFilter, *, after: int | None, limit: int
+) -> tuple[list[tuple[Score, Job]], int | None]:
+    query = _where(select(Score, Job), team, flt)
+    if after is not None:
+        query = query.where(Score.id < after)
+    rows = [(score, job) for score, job in session.execute(query.order_by(Score.id.desc()).limit(limit + 1))]
+    return rows[:limit], (rows[limit - 1][0].id if len(rows) > limit else None)
+
+
+def group_results(session: Session, team: Team, flt: ResultFilter, group_by: list[str], *, limit: int) -> list[dict]:
+    keys = [COLUMNS[name].label(name) for name in group_by]
+    query = _where(
+        select(
+            *keys,
+            func.avg(Score.value).label("mean"),
+            func.min(Score.value).label("min"),
+            func.max(Score.value).label("max"),
+            func.count(Score.id).label("count"),
+            func.max(Score.created_at).label("latest_at"),
+        ),
+        team,
+        flt,
+    )
+    query = query.group_by(*[COLUMNS[name] for name in group_by]).order_by(func.max(Score.id).desc()).limit(limit)
+    return [dict(row._mapping) for row in session.execute(query)]
+
+
+def job_scores(session: Session, job: Job) -> list[Score]:
+    return list(session.scalars(select(Score).where(Score.job_id == job.id).order_by(Score.id)))

@@ -1,0 +1,72 @@
+"""Service settings from environment variables (`LANGADAPT_*`) or a `.env` file, validated at start-up.
+
+The defaults are the embedded mode: SQLite, a local artifact folder and a broker in a SQLite file, all under
+`data_dir`, so `langadapt serve` runs with no external services. Production sets the URLs (see docker-compose.yml).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LANGADAPT_", env_file=".env", extra="ignore")
+
+    environment: str = Field("dev", description="dev or production; production refuses embedded defaults")
+    data_dir: str = Field("langadapt-data", description="root of the embedded database, broker and artifacts")
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_url: str | None = Field(None, description="s3://bucket[/prefix] or a folder (default data_dir/artifacts)")
+    s3_endpoint: str | None = None
+    s3_public_endpoint: str | None = Field(None, description="host:port presigned URLs are signed for")
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    work_dir: str | None = Field(None, description="worker scratch space for runs (default data_dir/work)")
+
+    allowed_model_roots: list[str] = Field(default_factory=list, description="folders job model paths may be in")
+    model_catalogue: dict[str, str] = Field(
+        default_factory=dict, description="extra model names -> path or s3:// URI, besides core's shortcuts"
+    )
+    mera_dir: str | None = Field(None, description="MERA task files for mc_ruworldtree / mera_arith")
+
+    max_upload_bytes: int = Field(2 << 30, gt=0)
+    max_page_size: int = Field(100, gt=0)
+    presign_ttl_s: int = Field(900, gt=0)
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="worker heartbeat and cancel-flag poll period")
+    heartbeat_timeout_s: float = Field(120.0, gt=0)
+    reaper_interval_s: float = Field(30.0, gt=0)
+    visibility_timeout_s: int = Field(7 * 24 * 3600, gt=0, description="above the longest job")
+
+    @model_validator(mode="after")
+    def _production_is_explicit(self) -> Settings:
+        if self.environment == "production":
+            missing = [name for name in ("database_url", "broker_url", "storage_url") if not getattr(self, name)]
+            if missing:
+                raise ValueError(f"production needs {', '.join('LANGADAPT_' + m.upper() for m in missing)}")
+        return self
+
+    @cached_property
+    def data_path(self) -> str:
+        return os.path.abspath(self.data_dir)
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{os.path.join(self.data_path, 'langadapt.db')}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{os.path.join(self.data_path, 'broker.db')}"
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or os.path.join(self.data_path, "artifacts")
+
+    @property
+    def work(self) -> str:
+        return os.path.abspath(self.work_dir or os.path.join(self.data_path, "work"))

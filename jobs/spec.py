@@ -1,0 +1,99 @@
+"""The job request (`POST /v1/jobs` body): core's adaptation spec with uploaded file ids instead of paths.
+
+It is stored with the job as submitted (after defaults are filled in) and turned into an `AdaptationSpec` by the
+worker once the files are materialised on its disk (`to_adaptation_spec`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.adaptation.spec import (
+    AdaptationSpec,
+    CalibrationSpec,
+    CPTSpec,
+    EvaluationSpec,
+    InitSpec,
+    PropagationSpec,
+    VocabSpec,
+)
+
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9_.\-]{1,100}$"
+MAX_LABELS = 32
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(min_length=1, max_length=500, description="catalogue name, allowed path or s3:// URI")
+    instruct_model: str | None = Field(None, min_length=1, max_length=500)
+    corpus_file: str = Field(min_length=1, max_length=40, description="file id of the target-language corpus")
+    eval_file: str | None = Field(
+        None, max_length=40, description="file id of held-out target text; default: the corpus's first characters"
+    )
+    source_eval_file: str | None = Field(None, max_length=40, description="file id of held-out source text")
+    vocab: VocabSpec = Field(default_factory=lambda: VocabSpec(method="extended", new_tokens=16_000))
+    init: InitSpec = Field(default_factory=InitSpec)
+    cpt: CPTSpec = Field(default_factory=CPTSpec)
+    propagation: PropagationSpec = Field(default_factory=PropagationSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = Field(
+        default_factory=lambda: EvaluationSpec(tasks=["symbols_per_token", "bits_per_char", "copy_ru"])
+    )
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        if len(labels) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} labels")
+        for key, value in labels.items():
+            if not re.match(LABEL_KEY_PATTERN, key):
+                raise ValueError(f"label key {key!r} must match {LABEL_KEY_PATTERN}")
+            if not 0 < len(value) <= 200:
+                raise ValueError(f"label {key!r}: value must be 1 to 200 characters")
+        return labels
+
+    @model_validator(mode="after")
+    def _server_side_paths(self) -> JobRequest:
+        if self.evaluation.mera_dir is not None:
+            raise ValueError("evaluation.mera_dir is set by the server (LANGADAPT_MERA_DIR), not by a job")
+        return self
+
+    def file_ids(self) -> dict[str, str]:
+        """Request field -> file id, for every uploaded file the job reads."""
+        fields = {
+            "corpus_file": self.corpus_file,
+            "eval_file": self.eval_file,
+            "source_eval_file": self.source_eval_file,
+            "vocab.source_corpus": self.vocab.source_corpus,
+            "calibration.prompt_file": self.calibration.prompt_file,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
+
+    def fingerprint(self) -> str:
+        """sha256 of the request with defaults filled in: what makes two submissions "the same body"."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_adaptation_spec(
+        self, *, files: dict[str, str], models: dict[str, str], heldout: str, mera_dir: str | None
+    ) -> AdaptationSpec:
+        """The core spec, with file ids replaced by the local paths in `files` (request field -> path) and model
+        references by the local paths in `models` (reference -> path)."""
+        data: dict[str, Any] = self.model_dump(exclude={"corpus_file", "eval_file", "source_eval_file"})
+        data["base_model"] = models[self.base_model]
+        if self.instruct_model is not None:
+            data["instruct_model"] = models[self.instruct_model]
+        data["corpus"] = files["corpus_file"]
+        data["heldout"] = heldout
+        data["source_heldout"] = files.get("source_eval_file")
+        data["vocab"]["source_corpus"] = files.get("vocab.source_corpus")
+        data["calibration"]["prompt_file"] = files.get("calibration.prompt_file")
+        data["evaluation"]["mera_dir"] = mera_dir
+        return AdaptationSpec.model_validate(data)
