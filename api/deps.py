@@ -1,0 +1,74 @@
+"""Request dependencies as `Annotated` aliases, so route signatures read like prose."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobs.errors import ServiceError
+from jobs.models import Team
+from jobs.settings import Settings
+from jobs.storage import ArtifactStore
+from jobs.teams import authenticate
+
+
+@dataclass
+class Services:
+    """Everything the app builds once at start-up (see api.app.create_app)."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+    celery: Celery
+
+
+class Unauthenticated(ServiceError):
+    status = 401
+    code = "invalid_api_key"
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_session(services: ServicesDep) -> Iterator[Session]:
+    with services.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_settings(services: ServicesDep) -> Settings:
+    return services.settings
+
+
+def get_store(services: ServicesDep) -> ArtifactStore:
+    return services.store
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+
+
+def current_team(request: Request, session: SessionDep) -> Team:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+    team = authenticate(session=session, key=key.strip())
+    if team is None:
+        raise Unauthenticated("invalid or revoked API key")
+    return team
+
+
+CurrentTeam = Annotated[Team, Depends(current_team)]

@@ -1,0 +1,73 @@
+"""One error shape for every 4xx/5xx: `{"error": {"code", "message", "param"}}`; never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException
+
+from jobs.errors import ServiceError
+from jobs.storage import StorageUnavailable
+
+log = logging.getLogger("langadapt.api")
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "param": param}}, status_code=status)
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    parts = [str(part) for part in loc]
+    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem(s))"
+        return error_response(422, "invalid_request", message, _param(tuple(first["loc"])))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def database_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", exc)
+        return error_response(503, "database_unavailable", "the database is unavailable; retry shortly")
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            return error_response(503, "database_unavailable", "the database connection was lost; retry shortly")
+        log.exception("database error")
+        return error_response(500, "internal_error", "internal server error")
+
+    @app.exception_handler(StorageUnavailable)
+    async def storage_down(_: Request, exc: StorageUnavailable) -> JSONResponse:
+        log.warning("storage unavailable: %s", exc)
+        return error_response(503, "storage_unavailable", "artifact storage is unavailable; retry shortly")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal server error")

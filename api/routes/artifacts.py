@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from urllib.parse import unquote
+
+from fastapi import APIRouter, Request, status
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+
+from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
+from api.schemas import ArtifactPublic, ArtifactsPublic, ScorePublic, ScoresPublic
+from jobs.errors import Invalid, NotFound
+from jobs.execution import artifacts_of
+from jobs.models import Artifact
+from jobs.results import job_scores
+from jobs.service import get_job
+
+router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])
+
+
+@router.get("/artifacts", response_model=ArtifactsPublic)
+def list_artifacts(job_id: str, team: CurrentTeam, session: SessionDep) -> ArtifactsPublic:
+    job = get_job(session, team, job_id)
+    return ArtifactsPublic(data=[ArtifactPublic.of(row) for row in artifacts_of(session, job.id)])
+
+
+@router.get(
+    "/artifacts/{name:path}",
+    status_code=status.HTTP_200_OK,
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "presigned URL (S3)"}},
+)
+def download_artifact(
+    job_id: str,
+    name: str,
+    request: Request,
+    team: CurrentTeam,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> Response:
+    """The artifact's bytes: a redirect to a short-lived presigned URL on S3, a streamed file on a local store."""
+    job = get_job(session, team, job_id)
+    _check_name(name, request)
+    row = session.get(Artifact, (job.id, name))
+    if row is None:
+        raise NotFound(f"job {job.id} has no artifact {name!r}", code="artifact_not_found", param="name")
+    filename = name.rsplit("/", 1)[-1]
+    url = store.presigned_get(row.storage_key, timedelta(seconds=settings.presign_ttl_s), filename=filename)
+    if url is not None:
+        return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+    path = store.local_path(row.storage_key)
+    if path is not None:
+        return FileResponse(path, filename=filename, media_type="application/octet-stream")
+    return StreamingResponse(store.iter_bytes(row.storage_key), media_type="application/octet-stream")
+
+
+def _check_name(name: str, request: Request) -> None:
+    """Names are '<stage>/<path>' exactly as listed; refuse traversal and encoded separators outright."""
+    raw = request.scope.get("raw_path", b"").decode("latin-1")
+    segments = name.split("/")
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or any(segment in ("", ".", "..") for segment in segments)
+        or "%2f" in raw.lower()
+        or "%5c" in raw.lower()
+        or unquote(name) != name
+    ):
+        raise Invalid(f"invalid artifact name {name!r}", code="invalid_artifact_name", param="name")
+
+
+@router.get("/scores", response_model=ScoresPublic, tags=["results"])
+def list_scores(job_id: str, team: CurrentTeam, session: SessionDep) -> ScoresPublic:
+    job = get_job(session, team, job_id)
+    return ScoresPublic(data=[ScorePublic.of(row) for row in job_scores(session, job)])

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, UploadFile, status
+from sqlalchemy import select
+
+from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
+from api.routes.pagination import Limit
+from api.schemas import FilePublic, FilesPublic
+from jobs.errors import TooLarge
+from jobs.files import upload_file
+from jobs.models import File
+from jobs.service import get_file
+
+router = APIRouter(prefix="/files", tags=["files"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=FilePublic)
+def create_file(
+    request: Request, file: UploadFile, team: CurrentTeam, session: SessionDep, store: StoreDep, settings: SettingsDep
+) -> FilePublic:
+    """Upload a corpus (.txt / .jsonl, optionally .xz / .gz): validated as non-empty UTF-8 text, hashed, stored."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes + (1 << 20):
+        raise TooLarge(f"the upload is larger than the limit of {settings.max_upload_bytes} bytes", param="file")
+    row = upload_file(
+        session=session, store=store, settings=settings, team=team, filename=file.filename or "", source=file.file
+    )
+    return FilePublic.of(row)
+
+
+@router.get("", response_model=FilesPublic)
+def list_files(
+    team: CurrentTeam, session: SessionDep, limit: Limit = 20, after: Annotated[str | None, Query()] = None
+) -> FilesPublic:
+    query = select(File).where(File.team_id == team.id)
+    if after is not None:
+        query = query.where(File.id < after)
+    rows = list(session.scalars(query.order_by(File.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    return FilesPublic(data=[FilePublic.of(r) for r in page], next=page[-1].id if len(rows) > limit else None)
+
+
+@router.get("/{file_id}", response_model=FilePublic)
+def read_file(file_id: str, team: CurrentTeam, session: SessionDep) -> FilePublic:
+    return FilePublic.of(get_file(session, team, file_id))

@@ -1,0 +1,50 @@
+"""Liveness, readiness and Prometheus metrics (outside /v1, no API key)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from api.deps import ServicesDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(services: ServicesDep) -> JSONResponse:
+    """Ready when the database, the broker and the artifact storage all answer."""
+    checks: dict[str, str] = {}
+    try:
+        with services.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    try:
+        with services.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unavailable: {type(exc).__name__}"
+    try:
+        services.store.ping()
+        checks["storage"] = "ok"
+    except Exception as exc:
+        checks["storage"] = f"unavailable: {type(exc).__name__}"
+    failing = [name for name, state in checks.items() if state != "ok"]
+    if failing:
+        error = {"code": "not_ready", "message": f"unavailable: {', '.join(failing)}", "param": None}
+        return JSONResponse({"error": error, "checks": checks}, status_code=503)
+    return JSONResponse({"status": "ready", "checks": checks})
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

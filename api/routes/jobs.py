@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import CurrentTeam, ServicesDep, SessionDep, SettingsDep, StoreDep
+from api.routes.pagination import Limit, parse_labels
+from api.schemas import EventPublic, EventsPublic, JobPublic, JobsPublic
+from jobs import service
+from jobs.models import TERMINAL, Job, JobStatus, Team
+from jobs.queue import dispatch
+from jobs.spec import JobRequest
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+SSE_POLL_S = 0.5
+SSE_KEEPALIVE_S = 15.0
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+def create_job(
+    body: JobRequest,
+    response: Response,
+    team: CurrentTeam,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    services: ServicesDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobPublic:
+    """Submit an adaptation job. With an `Idempotency-Key`, a repeated request returns the original job
+    (header `Idempotent-Replayed: true`); the same key with a different body is a 409."""
+    job, created = service.create_job(
+        session=session, store=store, settings=settings, team=team, request=body, idempotency_key=idempotency_key
+    )
+    if created:
+        dispatch(session, services.celery, job.id)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    team: CurrentTeam,
+    session: SessionDep,
+    limit: Limit = 20,
+    after: Annotated[str | None, Query(max_length=40)] = None,
+    status: Annotated[JobStatus | None, Query()] = None,
+    label: Annotated[list[str], Query(description="key:value, repeatable")] = [],  # noqa: B006
+) -> JobsPublic:
+    rows, cursor = service.list_jobs(session, team, after=after, limit=limit, status=status, labels=parse_labels(label))
+    return JobsPublic(data=[JobPublic.of(job) for job in rows], next=cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def read_job(job_id: str, team: CurrentTeam, session: SessionDep) -> JobPublic:
+    return JobPublic.of(service.get_job(session, team, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, team: CurrentTeam, session: SessionDep) -> JobPublic:
+    """Cooperative and idempotent: a queued job never starts; a running one stops at its next step."""
+    return JobPublic.of(service.cancel_job(session, team, job_id))
+
+
+@router.post("/{job_id}/retry", response_model=JobPublic)
+def retry_job(job_id: str, team: CurrentTeam, session: SessionDep, services: ServicesDep) -> JobPublic:
+    """Re-queue a failed or cancelled job; it resumes from its last completed stage / checkpoint."""
+    job = service.retry_job(session, team, job_id)
+    dispatch(session, services.celery, job.id)
+    return JobPublic.of(job)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=EventsPublic,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or SSE with that Accept"}},
+)
+def list_events(
+    job_id: str,
+    request: Request,
+    team: CurrentTeam,
+    session: SessionDep,
+    services: ServicesDep,
+    limit: Limit = 100,
+    after: Annotated[int | None, Query(ge=0)] = None,
+) -> EventsPublic | StreamingResponse:
+    """Events oldest first; with `Accept: text/event-stream` a live stream that ends when the job does."""
+    job = service.get_job(session, team, job_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        last_seen = request.headers.get("last-event-id", "")
+        start = int(last_seen) if last_seen.isdigit() else after
+        return StreamingResponse(
+            _stream(services, team, job.id, start, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    rows, cursor = service.list_events(session, job, after=after, limit=limit)
+    return EventsPublic(data=[EventPublic.of(event) for event in rows], next=cursor)
+
+
+async def _stream(
+    services: ServicesDep, team: Team, job_id: str, after: int | None, request: Request
+) -> AsyncIterator[str]:
+    idle = 0.0
+    while not await request.is_disconnected():
+        events, job = await run_in_threadpool(_poll, services, team, job_id, after)
+        for event in events:
+            after = event.id
+            payload = EventPublic.of(event).model_dump_json()
+            yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n"
+        if events:
+            idle = 0.0
+            continue
+        if job.status in TERMINAL:
+            yield f"event: end\ndata: {json.dumps({'status': job.status})}\n\n"
+            return
+        await asyncio.sleep(SSE_POLL_S)
+        idle += SSE_POLL_S
+        if idle >= SSE_KEEPALIVE_S:
+            idle = 0.0
+            yield ": keep-alive\n\n"
+
+
+def _poll(services: ServicesDep, team: Team, job_id: str, after: int | None) -> tuple[list, Job]:
+    with services.sessions() as session:
+        job = service.get_job(session, team, job_id)
+        events, _ = service.list_events(session, job, after=after, limit=500)
+        return events, job

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import CurrentTeam, SettingsDep
+from api.schemas import ModelPublic, ModelsPublic
+from jobs.catalogue import catalogue
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.get("", response_model=ModelsPublic)
+def list_models(_: CurrentTeam, settings: SettingsDep) -> ModelsPublic:
+    """The model catalogue: names a job may use as base_model / instruct_model (besides allowed paths)."""
+    entries = catalogue(settings).values()
+    return ModelsPublic(data=[ModelPublic(id=e.name, source=e.source) for e in entries])  # type: ignore[arg-type]

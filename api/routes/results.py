@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from api.deps import CurrentTeam, SessionDep
+from api.routes.pagination import Limit, parse_labels
+from api.schemas import ResultGroup, ResultGroupsPublic, ResultPublic, ResultsPublic
+from jobs.errors import Invalid
+from jobs.results import COLUMNS, ResultFilter, group_results, list_results
+
+router = APIRouter(prefix="/results", tags=["results"])
+
+Text = Annotated[str | None, Query(max_length=500)]
+
+
+@router.get("", response_model=ResultsPublic | ResultGroupsPublic)
+def read_results(
+    team: CurrentTeam,
+    session: SessionDep,
+    task: Text = None,
+    metric: Text = None,
+    model: Text = None,
+    variant: Text = None,
+    vocab_method: Text = None,
+    init_method: Text = None,
+    base_model: Text = None,
+    instruct_model: Text = None,
+    job_id: Text = None,
+    label: Annotated[list[str], Query(description="key:value, repeatable")] = [],  # noqa: B006
+    since: datetime | None = None,
+    until: datetime | None = None,
+    group_by: Annotated[str | None, Query(description=f"comma-separated: {', '.join(COLUMNS)}")] = None,
+    limit: Limit = 50,
+    after: Annotated[int | None, Query(ge=0)] = None,
+) -> Any:
+    """Score rows joined with their job's parameters, newest first; with `group_by`, one aggregate per group."""
+    equals = {
+        "task": task,
+        "metric": metric,
+        "model": model,
+        "variant": variant,
+        "vocab_method": vocab_method,
+        "init_method": init_method,
+        "base_model": base_model,
+        "instruct_model": instruct_model,
+        "job_id": job_id,
+    }
+    flt = ResultFilter(
+        equals={k: v for k, v in equals.items() if v is not None},
+        labels=parse_labels(label),
+        since=since,
+        until=until,
+    )
+    if group_by:
+        names = [name.strip() for name in group_by.split(",") if name.strip()]
+        unknown = [name for name in names if name not in COLUMNS]
+        if unknown or not names:
+            raise Invalid(f"group_by: unknown column(s) {unknown} (choose from {', '.join(COLUMNS)})", param="group_by")
+        groups = group_results(session, team, flt, names, limit=limit)
+        return ResultGroupsPublic(
+            data=[
+                ResultGroup(
+                    key={name: group[name] for name in names},
+                    mean=group["mean"],
+                    min=group["min"],
+                    max=group["max"],
+                    count=group["count"],
+                    latest_at=group["latest_at"],
+                )
+                for group in groups
+            ]
+        )
+    rows, cursor = list_results(session, team, flt, after=after, limit=limit)
+    return ResultsPublic(data=[ResultPublic.join(score, job) for score, job in rows], next=cursor)
