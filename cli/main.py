@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import adaptation
+from cli import adaptation, service
 from core.adaptation.errors import AdaptationInputError
 
 EXIT_USER_ERROR = 2
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     adaptation.register(commands)
+    service.register(commands)
     return parser
 
 

@@ -1,0 +1,152 @@
+"""Service commands: `serve` (API + workers), `worker`, `db upgrade`, `admin create-team`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from jobs.queue import GPU_QUEUE, MAINTENANCE_QUEUE
+from jobs.settings import Settings
+
+
+def _is_embedded(settings: Settings) -> bool:
+    return settings.database.startswith("sqlite")
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Run the API; with the embedded defaults also migrate the database and start the workers."""
+    import uvicorn
+
+    from api.app import create_app
+    from jobs.db import upgrade
+
+    settings = Settings()
+    if args.migrate or _is_embedded(settings):
+        upgrade(settings.database)
+    if not args.no_worker:
+        _prepare_broker(settings)
+    workers = [] if args.no_worker else _start_workers()
+    print(
+        json.dumps(
+            {
+                "api": f"http://{args.host}:{args.port}",
+                "docs": f"http://{args.host}:{args.port}/docs",
+                "database": settings.database.split("@")[-1],
+                "storage": settings.storage,
+                "workers": len(workers),
+            }
+        ),
+        flush=True,
+    )
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        for process in workers:
+            _stop(process)
+
+
+def _prepare_broker(settings: Settings) -> None:
+    """Connect once before the workers start, so the embedded broker's tables are created by one process only."""
+    from jobs.queue import celery_app
+
+    with celery_app(settings).connection_for_write() as connection:
+        connection.ensure_connection(max_retries=3)
+        _ = connection.default_channel
+
+
+def _start_workers() -> list[subprocess.Popen[bytes]]:
+    """One GPU-queue worker (one job at a time) and one maintenance worker running the reaper's schedule."""
+    return [
+        subprocess.Popen(_worker_command([GPU_QUEUE], beat=False), start_new_session=True),
+        subprocess.Popen(_worker_command([MAINTENANCE_QUEUE], beat=True), start_new_session=True),
+    ]
+
+
+def _worker_command(queues: list[str], *, beat: bool) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "--concurrency",
+        "1",
+        "--loglevel",
+        "INFO",
+        "-n",
+        f"{'-'.join(queues)}@%h",
+    ]
+    if beat:
+        command += ["--beat", "--pool", "solo"]
+    return command
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def worker(args: argparse.Namespace) -> None:
+    os.execv(sys.executable, _worker_command(args.queues.split(","), beat=args.beat))
+
+
+def db_upgrade(_: argparse.Namespace) -> None:
+    from jobs.db import upgrade
+
+    settings = Settings()
+    upgrade(settings.database)
+    print(json.dumps({"database": settings.database.split("@")[-1], "revision": "head"}))
+
+
+def create_team(args: argparse.Namespace) -> None:
+    from jobs.db import check_migrated, make_engine, make_sessionmaker, session_scope, upgrade
+    from jobs.errors import Conflict
+    from jobs.teams import create_team as create
+
+    settings = Settings()
+    if _is_embedded(settings):
+        upgrade(settings.database)
+    engine = make_engine(settings.database)
+    check_migrated(engine)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            team, key = create(session=session, name=args.name)
+    except Conflict as exc:
+        raise SystemExit(f"langadapt: error: {exc.message}") from None
+    print(json.dumps({"team_id": team.id, "name": team.name, "api_key": key}))
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser("serve", help="run the REST API (embedded defaults: also the workers)")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--no-worker", action="store_true", help="API only (production runs workers separately)")
+    run.add_argument("--migrate", action="store_true", help="upgrade the database first (automatic on SQLite)")
+    run.add_argument("--log-level", default="info")
+    run.set_defaults(handler=serve)
+
+    work = commands.add_parser("worker", help="run a Celery worker (gpu queue by default)")
+    work.add_argument("--queues", default=GPU_QUEUE)
+    work.add_argument("--beat", action="store_true", help="also run the periodic reaper schedule")
+    work.set_defaults(handler=worker)
+
+    db = commands.add_parser("db", help="database administration")
+    db_cmds = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    db_cmds.add_parser("upgrade", help="apply the Alembic migrations").set_defaults(handler=db_upgrade)
+
+    admin = commands.add_parser("admin", help="teams and API keys")
+    admin_cmds = admin.add_subparsers(dest="admin_command", required=True, metavar="COMMAND")
+    team = admin_cmds.add_parser("create-team", help="create a team and print its first API key")
+    team.add_argument("name")
+    team.set_defaults(handler=create_team)

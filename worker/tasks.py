@@ -1,0 +1,64 @@
+"""Celery tasks: thin wrappers over `worker.runner` and `jobs.execution`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cache
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobs import execution
+from jobs.db import make_engine, make_sessionmaker
+from jobs.queue import REAP, RUN_JOB, dispatch
+from jobs.storage import ArtifactStore, open_store
+from worker.app import app, settings
+from worker.runner import JobRunner
+
+log = logging.getLogger("langadapt.worker")
+
+UNDISPATCHED_GRACE_S = 30.0
+
+
+@dataclass(frozen=True)
+class WorkerServices:
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+
+
+@cache
+def services() -> WorkerServices:
+    engine = make_engine(settings.database)
+    store = open_store(
+        settings.storage,
+        endpoint=settings.s3_endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+        public_endpoint=settings.s3_public_endpoint,
+    )
+    return WorkerServices(engine=engine, sessions=make_sessionmaker(engine), store=store)
+
+
+@app.task(name=RUN_JOB)
+def run_job(job_id: str) -> str | None:
+    current = services()
+    status = JobRunner(settings, current.sessions, current.store).run(job_id)
+    return None if status is None else str(status)
+
+
+@app.task(name=REAP)
+def reap() -> dict[str, list[str]]:
+    """Fail jobs whose worker died; re-send jobs the broker never took."""
+    current = services()
+    with current.sessions() as session:
+        reaped = execution.reap_stale(session, settings.heartbeat_timeout_s)
+        resent = [
+            job_id for job_id in execution.undispatched(session, UNDISPATCHED_GRACE_S) if dispatch(session, app, job_id)
+        ]
+    if reaped or resent:
+        log.warning("reaper: failed %s, re-dispatched %s", reaped, resent)
+    return {"reaped": reaped, "redispatched": resent}
