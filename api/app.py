@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,11 +10,13 @@ from fastapi import FastAPI
 
 from api import errors, metrics
 from api.deps import Services
-from api.routes import health, v1
+from api.routes import ROUTERS
 from jobs.db import check_migrated, make_engine, make_sessionmaker
 from jobs.queue import celery_app
 from jobs.settings import Settings
-from jobs.storage import open_store
+from jobs.storage import StorageUnavailable, open_store
+
+log = logging.getLogger("langadapt.api")
 
 
 def build_services(settings: Settings) -> Services:
@@ -39,7 +42,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         check_migrated(services.engine)  # refuse to serve an unmigrated database
-        services.store.ensure_ready()
+        try:
+            services.store.ensure_ready()
+        except StorageUnavailable as exc:  # serve anyway: /readyz reports it and uploads answer 503 until it is back
+            log.warning("artifact storage unavailable at start-up: %s", exc)
         yield
         services.engine.dispose()
 
@@ -52,6 +58,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.state.registry = metrics.install(app, services.sessions)
     errors.install(app)
-    app.include_router(health.router)
-    app.include_router(v1)
+    for router in ROUTERS:
+        app.include_router(router)
     return app

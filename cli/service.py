@@ -29,6 +29,8 @@ def serve(args: argparse.Namespace) -> None:
         upgrade(settings.database)
     if not args.no_worker:
         _prepare_broker(settings)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so the workers are stopped.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     workers = [] if args.no_worker else _start_workers()
     print(
         json.dumps(
@@ -37,7 +39,7 @@ def serve(args: argparse.Namespace) -> None:
                 "docs": f"http://{args.host}:{args.port}/docs",
                 "database": settings.database.split("@")[-1],
                 "storage": settings.storage,
-                "workers": len(workers),
+                "worker_pids": [process.pid for process in workers],
             }
         ),
         flush=True,
@@ -47,6 +49,10 @@ def serve(args: argparse.Namespace) -> None:
     finally:
         for process in workers:
             _stop(process)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _prepare_broker(settings: Settings) -> None:

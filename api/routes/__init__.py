@@ -1,11 +1,5 @@
-"""One router per resource, aggregated here."""
-
-from fastapi import APIRouter
+"""One router per resource; each carries its full path prefix (`/v1/...`, health at the root)."""
 
 from api.routes import artifacts, files, health, jobs, models, results
 
-v1 = APIRouter(prefix="/v1")
-for module in (files, jobs, artifacts, results, models):
-    v1.include_router(module.router)
-
-__all__ = ["health", "v1"]
+ROUTERS = [health.router, files.router, jobs.router, artifacts.router, results.router, models.router]

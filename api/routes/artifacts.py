@@ -14,7 +14,7 @@ from jobs.models import Artifact
 from jobs.results import job_scores
 from jobs.service import get_job
 
-router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])
+router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["artifacts"])
 
 
 @router.get("/artifacts", response_model=ArtifactsPublic)

@@ -13,7 +13,7 @@ from jobs.files import upload_file
 from jobs.models import File
 from jobs.service import get_file
 
-router = APIRouter(prefix="/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=FilePublic)

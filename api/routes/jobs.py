@@ -17,7 +17,7 @@ from jobs.models import TERMINAL, Job, JobStatus, Team
 from jobs.queue import dispatch
 from jobs.spec import JobRequest
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0

@@ -6,7 +6,7 @@ from api.deps import CurrentTeam, SettingsDep
 from api.schemas import ModelPublic, ModelsPublic
 from jobs.catalogue import catalogue
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelsPublic)

@@ -11,7 +11,7 @@ from api.schemas import ResultGroup, ResultGroupsPublic, ResultPublic, ResultsPu
 from jobs.errors import Invalid
 from jobs.results import COLUMNS, ResultFilter, group_results, list_results
 
-router = APIRouter(prefix="/results", tags=["results"])
+router = APIRouter(prefix="/v1/results", tags=["results"])
 
 Text = Annotated[str | None, Query(max_length=500)]
 

@@ -334,7 +334,7 @@ def run_pipeline(
             try:
                 info = run_stage(ctx, stage)
             except AdaptationInputError as exc:
-                raise AdaptationInputError(f"stage '{stage.name}' failed: {exc}") from exc
+                raise AdaptationInputError(f"stage '{stage.name}' failed: {exc}", exc.code) from exc
             emit({"type": "stage", "stage": stage.name, "message": f"done in {info['seconds']} s"})
         on_stage_complete(stage.name, path)
         report.stages.append(info)

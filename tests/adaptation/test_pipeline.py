@@ -93,7 +93,7 @@ def test_cancelled_cpt_resumes_from_its_checkpoint(tmp_path, models, ru_corpus) 
 
     def cancel_after_three() -> bool:
         steps.append(1)
-        return len(steps) >= 3
+        return len(steps) >= 3 + 3  # polled before each of tokenizer, init, cpt, then once per CPT step
 
     with pytest.raises(StageCancelled, match="step 3"):
         run_pipeline(spec, str(tmp_path / "run"), should_cancel=cancel_after_three)

@@ -1,0 +1,157 @@
+"""Worker-side job-row operations and the reaper, on the embedded database (SQLite, migrated by Alembic)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from jobs import execution
+from jobs.db import make_engine, make_sessionmaker, upgrade
+from jobs.models import File, Job, JobStatus, Team, utcnow
+from jobs.results import job_scores
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def job_id(sessions) -> str:
+    with sessions() as session:
+        team = Team(name="t")
+        session.add(team)
+        session.flush()
+        corpus = File(
+            team_id=team.id, filename="c.txt", bytes=1, sha256="0" * 64, documents=1, chars=1, storage_key="k"
+        )
+        session.add(corpus)
+        session.flush()
+        job = Job(
+            team_id=team.id,
+            request={},
+            base_model="b",
+            vocab_method="extended",
+            init_method="mean",
+            variants=[],
+            corpus_file_id=corpus.id,
+            request_hash="h",
+        )
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def _age_heartbeat(sessions, job_id: str, seconds: float) -> None:
+    with sessions() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
+        session.commit()
+
+
+def test_a_job_is_claimed_once(sessions, job_id) -> None:
+    with sessions() as session:
+        assert execution.claim_job(session, job_id, "w1").status == JobStatus.running
+        assert execution.claim_job(session, job_id, "w2") is None
+        assert execution.claim_job(session, "job_missing", "w2") is None
+
+
+def test_heartbeat_reports_cancel_and_lost_ownership(sessions, job_id) -> None:
+    with sessions() as session:
+        execution.claim_job(session, job_id, "w1")
+        assert execution.heartbeat(session, job_id, "w1") is False
+        assert execution.heartbeat(session, job_id, "w2") is True  # not its job: stop
+        session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+        session.commit()
+        assert execution.heartbeat(session, job_id, "w1") is True
+
+
+def test_only_the_owner_finishes_a_job(sessions, job_id) -> None:
+    error = execution.JobError("internal_error", "boom", "cpt", "system")
+    with sessions() as session:
+        execution.claim_job(session, job_id, "w1")
+        assert not execution.finish_job(session, job_id, "w2", JobStatus.failed, error)
+        assert execution.finish_job(session, job_id, "w1", JobStatus.failed, error)
+        assert not execution.finish_job(session, job_id, "w1", JobStatus.succeeded)  # already terminal
+        job = session.get(Job, job_id)
+        session.refresh(job)
+        assert (job.status, job.error_code, job.error_stage, job.error_kind) == (
+            "failed",
+            "internal_error",
+            "cpt",
+            "system",
+        )
+
+
+def test_reaper_fails_jobs_whose_worker_went_silent(sessions, job_id) -> None:
+    with sessions() as session:
+        execution.claim_job(session, job_id, "w1")
+        execution.set_stage(session, job_id, "cpt")
+    _age_heartbeat(sessions, job_id, 30)
+    with sessions() as session:
+        assert execution.reap_stale(session, 60) == []  # still fresh enough
+    _age_heartbeat(sessions, job_id, 90)
+    with sessions() as session:
+        assert execution.reap_stale(session, 60) == [job_id]
+        job = session.get(Job, job_id)
+        assert (job.status, job.error_code, job.error_stage, job.error_kind) == (
+            "failed",
+            "worker_lost",
+            "cpt",
+            "system",
+        )
+        # The dead worker cannot overwrite the reaper's verdict if it comes back.
+        assert not execution.finish_job(session, job_id, "w1", JobStatus.succeeded)
+
+
+def test_reaper_completes_a_cancel_whose_worker_died(sessions, job_id) -> None:
+    with sessions() as session:
+        execution.claim_job(session, job_id, "w1")
+        session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling))
+        session.commit()
+    _age_heartbeat(sessions, job_id, 300)
+    with sessions() as session:
+        assert execution.reap_stale(session, 60) == [job_id]
+        job = session.get(Job, job_id)
+        assert job.status == "cancelled" and job.error_code is None
+
+
+def test_undispatched_jobs_are_found_after_a_grace_period(sessions, job_id) -> None:
+    with sessions() as session:
+        assert execution.undispatched(session, 30) == []
+        session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow() - timedelta(seconds=60)))
+        session.commit()
+        assert execution.undispatched(session, 30) == [job_id]
+        session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+        session.commit()
+        assert execution.undispatched(session, 30) == []
+
+
+def test_progress_and_scores(sessions, job_id) -> None:
+    with sessions() as session:
+        execution.set_progress(session, job_id, step=5, total=10, eta_s=12.5)
+        job = session.get(Job, job_id)
+        execution.record_scores(
+            session,
+            job,
+            [
+                {"model": "original", "task": "bits_per_char", "metric": "target", "value": 1.5, "n": 3},
+                {"model": "propagated:swap", "task": "bits_per_char", "metric": "target", "value": 1.7, "n": 3},
+            ],
+        )
+        execution.record_scores(
+            session,
+            job,
+            [
+                {"model": "propagated:swap", "task": "bits_per_char", "metric": "target", "value": 1.6, "n": 3},
+            ],
+        )  # a re-run replaces the rows
+        rows = job_scores(session, job)
+        assert [(r.model, r.variant, r.value) for r in rows] == [("propagated:swap", "swap", 1.6)]
+        session.refresh(job)
+        assert (job.progress_step, job.progress_total, job.eta_s) == (5, 10, 12.5)

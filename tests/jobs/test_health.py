@@ -1,0 +1,97 @@
+"""Health, readiness, metrics, migrations guard, and the local artifact store's download path."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from jobs.db import DatabaseNotMigrated, upgrade
+from jobs.models import Artifact
+from tests.jobs.conftest import LiveServer, new_team_key
+from tests.s3_server import free_port
+
+
+def test_health_ready_and_metrics(client, auth) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+    client.get("/v1/jobs", headers=auth)
+    text = client.get("/metrics").text
+    assert 'langadapt_jobs{status="queued"}' in text and "langadapt_queue_depth" in text
+    assert 'langadapt_request_seconds_count{method="GET",route="/v1/jobs",status="200"}' in text
+
+
+def test_readyz_names_what_is_down(make_settings) -> None:
+    settings = make_settings(s3_endpoint=f"127.0.0.1:{free_port()}", broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    app = create_app(settings)
+    with TestClient(app) as client:  # the API starts even with storage and broker down
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["error"]["code"] == "not_ready" and body["checks"]["database"] == "ok"
+    assert body["checks"]["broker"].startswith("unavailable") and body["checks"]["storage"].startswith("unavailable")
+
+
+def test_the_app_refuses_an_unmigrated_database(tmp_path, make_settings) -> None:
+    settings = make_settings(database_url=f"sqlite:///{tmp_path / 'fresh.db'}")
+    with pytest.raises(DatabaseNotMigrated, match="langadapt db upgrade"), TestClient(create_app(settings)):
+        pass
+
+
+def test_local_store_streams_artifacts_and_refuses_traversal(tmp_path, make_settings) -> None:
+    """The embedded default: SQLite and a local folder; downloads are streamed files, not redirects."""
+    settings = make_settings(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", storage_url=str(tmp_path / "artifacts")
+    )
+    upgrade(settings.database)
+    key = new_team_key(settings)
+    auth = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(settings)) as client:
+        corpus = client.post("/v1/files", headers=auth, files={"file": ("c.txt", "текст\n".encode())}).json()
+        body = {"base_model": str(settings.allowed_model_roots[0]) + "/base", "corpus_file": corpus["id"]}
+        job = client.post("/v1/jobs", headers=auth, json=body).json()
+        services = client.app.state.services
+        services.store.put_bytes(f"teams/x/jobs/{job['id']}/artifacts/evaluate/scores.json", b"[1, 2]")
+        with services.sessions() as session:
+            session.add(
+                Artifact(
+                    job_id=job["id"],
+                    name="evaluate/scores.json",
+                    kind="eval_report",
+                    size=6,
+                    sha256="s",
+                    storage_key=f"teams/x/jobs/{job['id']}/artifacts/evaluate/scores.json",
+                )
+            )
+            session.commit()
+        download = client.get(f"/v1/jobs/{job['id']}/artifacts/evaluate/scores.json", headers=auth)
+        assert download.status_code == 200 and download.content == b"[1, 2]"
+        assert 'filename="scores.json"' in download.headers["content-disposition"]
+        with LiveServer(settings) as server:  # raw paths: HTTP clients would normalise dot segments
+            for name in (
+                "evaluate/../evaluate/scores.json",
+                "evaluate/%2E%2E/evaluate/scores.json",
+                "evaluate%2Fscores.json",
+                "evaluate/./scores.json",
+                "evaluate//scores.json",
+                "..%2F..%2Fetc%2Fpasswd",
+                "evaluate%5Cscores.json",
+            ):
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                connection.request("GET", f"/v1/jobs/{job['id']}/artifacts/{name}", headers=auth)
+                response = connection.getresponse()
+                error = json.loads(response.read())["error"]
+                connection.close()
+                assert response.status in (400, 404, 422), name
+                assert error["code"] in ("invalid_artifact_name", "artifact_not_found", "not_found"), name
+        missing = client.get(f"/v1/jobs/{job['id']}/artifacts/evaluate/other.json", headers=auth)
+        assert missing.json()["error"]["code"] == "artifact_not_found"
+    assert os.path.isfile(
+        tmp_path / "artifacts" / "teams" / "x" / "jobs" / job["id"] / "artifacts" / "evaluate" / "scores.json"
+    )
