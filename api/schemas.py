@@ -231,3 +231,17 @@ class ModelPublic(BaseModel):
 class ModelsPublic(BaseModel):
     data: list[ModelPublic]
     next: None = None
+
+
+_ERRORS = {
+    400: "bad request",
+    401: "missing or invalid API key",
+    404: "no such resource (or not your team's)",
+    409: "conflicts with the resource's state or an earlier request",
+    413: "upload too large",
+    422: "invalid request; `param` names the field",
+    503: "a dependency (database, storage) is unavailable; retry",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in _ERRORS.items()
+}

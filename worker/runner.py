@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.adaptation.corpus import split_heldout
@@ -36,6 +37,7 @@ from jobs.storage import ArtifactStore, S3Store, StorageError
 
 log = logging.getLogger("langadapt.worker")
 
+FINISH_RETRY_S = 3600.0  # how long a finished job waits for the database to record its outcome
 ARTIFACT_KINDS = {
     "tokenizer": "tokenizer",
     "init": "initialised_base",
@@ -93,20 +95,25 @@ class _Progress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind, stage = event.get("type", "message"), event.get("stage")
-        with self.sessions() as session:
-            if kind == "stage" and not str(event.get("message", "")).startswith("done"):
-                self.stage = stage
-                execution.set_stage(session, self.job_id, stage)
-            if kind == "metrics":
-                self._progress(session, stage, event.get("data") or {})
-            execution.add_event(
-                session,
-                self.job_id,
-                type=kind,
-                stage=stage,
-                message=event.get("message", ""),
-                data=event.get("data"),
-            )
+        new_stage = kind == "stage" and not str(event.get("message", "")).startswith("done")
+        if new_stage:
+            self.stage = stage
+        try:
+            with self.sessions() as session:
+                if new_stage:
+                    execution.set_stage(session, self.job_id, stage)
+                if kind == "metrics":
+                    self._progress(session, stage, event.get("data") or {})
+                execution.add_event(
+                    session,
+                    self.job_id,
+                    type=kind,
+                    stage=stage,
+                    message=event.get("message", ""),
+                    data=event.get("data"),
+                )
+        except SQLAlchemyError as exc:  # a database blip must not kill hours of training; the log keeps the event
+            log.warning("job %s: event not recorded (%s): %s", self.job_id, type(exc).__name__, event)
 
     def _progress(self, session: Session, stage: str | None, data: dict[str, Any]) -> None:
         step, total = data.get("step", data.get("done")), data.get("total_steps", data.get("total"))
@@ -156,13 +163,27 @@ class JobRunner:
             monitor.close()
         if error is not None:
             progress({"type": "message", "stage": error.stage, "message": f"failed: {error.message}"})
-        with self.sessions() as session:
-            if not execution.finish_job(session, job.id, self.worker, status, error):
-                log.warning("job %s was taken from this worker (reaped?): result %s not recorded", job.id, status)
-                return None
+        if not self._finish(job.id, status, error):
+            log.warning("job %s was taken from this worker (reaped?): result %s not recorded", job.id, status)
+            return None
         if status == JobStatus.succeeded:
             shutil.rmtree(self._run_dir(job), ignore_errors=True)  # everything is in storage now
         return status
+
+    def _finish(self, job_id: str, status: JobStatus, error: execution.JobError | None) -> bool:
+        """Record the outcome, waiting out a database outage (the outcome is the one thing that must land)."""
+        delay = 1.0
+        deadline = time.monotonic() + FINISH_RETRY_S
+        while True:
+            try:
+                with self.sessions() as session:
+                    return execution.finish_job(session, job_id, self.worker, status, error)
+            except SQLAlchemyError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("job %s: cannot record %s yet (%s); retrying in %.0f s", job_id, status, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def _run_dir(self, job: Job) -> str:
         return os.path.join(self.settings.work, "jobs", job.id)

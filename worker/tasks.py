@@ -6,7 +6,9 @@ import logging
 from dataclasses import dataclass
 from functools import cache
 
+from celery import Task
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs import execution
@@ -19,6 +21,7 @@ from worker.runner import JobRunner
 log = logging.getLogger("langadapt.worker")
 
 UNDISPATCHED_GRACE_S = 30.0
+DB_RETRY_S = 5
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,14 @@ def services() -> WorkerServices:
     return WorkerServices(engine=engine, sessions=make_sessionmaker(engine), store=store)
 
 
-@app.task(name=RUN_JOB)
-def run_job(job_id: str) -> str | None:
+@app.task(name=RUN_JOB, bind=True, max_retries=None)
+def run_job(self: Task, job_id: str) -> str | None:
     current = services()
-    status = JobRunner(settings, current.sessions, current.store).run(job_id)
+    try:
+        status = JobRunner(settings, current.sessions, current.store).run(job_id)
+    except OperationalError as exc:  # the database is down before the job could be claimed: keep the message
+        log.warning("job %s: database unavailable (%s); retrying in %d s", job_id, exc, DB_RETRY_S)
+        raise self.retry(countdown=DB_RETRY_S) from exc
     return None if status is None else str(status)
 
 

@@ -7,14 +7,14 @@ from fastapi import APIRouter, Request, status
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
-from api.schemas import ArtifactPublic, ArtifactsPublic, ScorePublic, ScoresPublic
+from api.schemas import ERROR_RESPONSES, ArtifactPublic, ArtifactsPublic, ScorePublic, ScoresPublic
 from jobs.errors import Invalid, NotFound
 from jobs.execution import artifacts_of
 from jobs.models import Artifact
 from jobs.results import job_scores
 from jobs.service import get_job
 
-router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["artifacts"])
+router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["artifacts"], responses=ERROR_RESPONSES)
 
 
 @router.get("/artifacts", response_model=ArtifactsPublic)

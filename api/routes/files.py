@@ -7,13 +7,13 @@ from sqlalchemy import select
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
 from api.routes.pagination import Limit
-from api.schemas import FilePublic, FilesPublic
+from api.schemas import ERROR_RESPONSES, FilePublic, FilesPublic
 from jobs.errors import TooLarge
 from jobs.files import upload_file
 from jobs.models import File
 from jobs.service import get_file
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=FilePublic)

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api.deps import ServicesDep
+from api.schemas import ErrorBody
 
 router = APIRouter(tags=["health"])
 
@@ -17,7 +18,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"model": ErrorBody, "description": "a dependency is down"}})
 def readyz(services: ServicesDep) -> JSONResponse:
     """Ready when the database, the broker and the artifact storage all answer."""
     checks: dict[str, str] = {}

@@ -11,13 +11,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTeam, ServicesDep, SessionDep, SettingsDep, StoreDep
 from api.routes.pagination import Limit, parse_labels
-from api.schemas import EventPublic, EventsPublic, JobPublic, JobsPublic
+from api.schemas import ERROR_RESPONSES, EventPublic, EventsPublic, JobPublic, JobsPublic
 from jobs import service
 from jobs.models import TERMINAL, Job, JobStatus, Team
 from jobs.queue import dispatch
 from jobs.spec import JobRequest
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0

@@ -3,10 +3,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import CurrentTeam, SettingsDep
-from api.schemas import ModelPublic, ModelsPublic
+from api.schemas import ERROR_RESPONSES, ModelPublic, ModelsPublic
 from jobs.catalogue import catalogue
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
 
 @router.get("", response_model=ModelsPublic)

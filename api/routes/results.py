@@ -7,11 +7,11 @@ from fastapi import APIRouter, Query
 
 from api.deps import CurrentTeam, SessionDep
 from api.routes.pagination import Limit, parse_labels
-from api.schemas import ResultGroup, ResultGroupsPublic, ResultPublic, ResultsPublic
+from api.schemas import ERROR_RESPONSES, ResultGroup, ResultGroupsPublic, ResultPublic, ResultsPublic
 from jobs.errors import Invalid
 from jobs.results import COLUMNS, ResultFilter, group_results, list_results
 
-router = APIRouter(prefix="/v1/results", tags=["results"])
+router = APIRouter(prefix="/v1/results", tags=["results"], responses=ERROR_RESPONSES)
 
 Text = Annotated[str | None, Query(max_length=500)]
 

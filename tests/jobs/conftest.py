@@ -27,6 +27,7 @@ from core.adaptation.sources import save_pretrained
 from jobs.db import make_engine, make_sessionmaker, session_scope, upgrade
 from jobs.settings import Settings
 from jobs.teams import create_team
+from tests.conftest import shared_file
 from tests.s3_server import free_port, moto_s3_server
 
 PG_ADMIN = os.environ.get("LANGADAPT_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
@@ -253,3 +254,41 @@ def wait_for(client: TestClient, headers: dict, job_id: str, predicate, timeout:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting; job is {job}")
         time.sleep(0.1)
+
+
+@pytest.fixture
+def files(upload, ru_texts) -> dict[str, str]:
+    corpus = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ru_texts)[:150_000]
+    corpus = corpus[: corpus.rfind("\n") + 1]
+    heldout = shared_file("ru/taiga_devtest.jsonl").read_text(encoding="utf-8")[:20_000]
+    heldout = heldout[: heldout.rfind("\n") + 1]
+    return {
+        "corpus": upload(name="ru.jsonl", data=corpus.encode())["id"],
+        "heldout": upload(name="heldout.jsonl", data=heldout.encode())["id"],
+    }
+
+
+def job_body(model_root, files, **overrides) -> dict:
+    return {
+        "base_model": str(model_root / "base"),
+        "instruct_model": str(model_root / "instruct"),
+        "corpus_file": files["corpus"],
+        "eval_file": files["heldout"],
+        "vocab": {"method": "extended", "new_tokens": 300},
+        "cpt": {"steps": 6, "seq_len": 32, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 3, "lr": 1e-3},
+        "propagation": {"variant": ["swap", "conversion"]},
+        "evaluation": {"tasks": ["symbols_per_token", "bits_per_char", "copy_ru"], "limit": 2, "heldout_chars": 3000},
+        "labels": {"suite": "e2e"},
+        **overrides,
+    }
+
+
+def all_events(client, auth, job_id: str) -> list[dict]:
+    events, after = [], None
+    while True:
+        query = "" if after is None else f"&after={after}"
+        page = client.get(f"/v1/jobs/{job_id}/events?limit=100{query}", headers=auth).json()
+        events += page["data"]
+        if page["next"] is None:
+            return events
+        after = page["next"]

@@ -8,51 +8,11 @@ import os
 import time
 
 import httpx
-import pytest
 
 from jobs.storage import open_store
-from tests.conftest import shared_file
-from tests.jobs.conftest import wait_for
+from tests.jobs.conftest import all_events, job_body, wait_for
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-@pytest.fixture
-def files(upload, ru_texts) -> dict[str, str]:
-    corpus = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ru_texts)[:150_000]
-    corpus = corpus[: corpus.rfind("\n") + 1]
-    heldout = shared_file("ru/taiga_devtest.jsonl").read_text(encoding="utf-8")[:20_000]
-    heldout = heldout[: heldout.rfind("\n") + 1]
-    return {
-        "corpus": upload(name="ru.jsonl", data=corpus.encode())["id"],
-        "heldout": upload(name="heldout.jsonl", data=heldout.encode())["id"],
-    }
-
-
-def _body(model_root, files, **overrides) -> dict:
-    return {
-        "base_model": str(model_root / "base"),
-        "instruct_model": str(model_root / "instruct"),
-        "corpus_file": files["corpus"],
-        "eval_file": files["heldout"],
-        "vocab": {"method": "extended", "new_tokens": 300},
-        "cpt": {"steps": 6, "seq_len": 32, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 3, "lr": 1e-3},
-        "propagation": {"variant": ["swap", "conversion"]},
-        "evaluation": {"tasks": ["symbols_per_token", "bits_per_char", "copy_ru"], "limit": 2, "heldout_chars": 3000},
-        "labels": {"suite": "e2e"},
-        **overrides,
-    }
-
-
-def all_events(client, auth, job_id: str) -> list[dict]:
-    events, after = [], None
-    while True:
-        query = "" if after is None else f"&after={after}"
-        page = client.get(f"/v1/jobs/{job_id}/events?limit=100{query}", headers=auth).json()
-        events += page["data"]
-        if page["next"] is None:
-            return events
-        after = page["next"]
 
 
 def _download(client, auth, job_id: str, name: str) -> bytes:
@@ -65,7 +25,7 @@ def _download(client, auth, job_id: str, name: str) -> bytes:
 
 def test_job_runs_end_to_end_through_the_worker(client, auth, settings, start_worker, model_root, files) -> None:
     start_worker(settings)
-    job = client.post("/v1/jobs", headers=auth, json=_body(model_root, files)).json()
+    job = client.post("/v1/jobs", headers=auth, json=job_body(model_root, files)).json()
     job = wait_for(client, auth, job["id"], lambda j: j["status"] in TERMINAL)
     assert job["status"] == "succeeded", job
     assert job["stage"] == "evaluate" and job["error"] is None and job["finished_at"] >= job["started_at"]
@@ -133,7 +93,7 @@ def test_cancel_stops_cpt_and_retry_resumes_from_the_checkpoint(
     client, auth, settings, start_worker, model_root, files
 ) -> None:
     start_worker(settings)
-    body = _body(
+    body = job_body(
         model_root,
         files,
         instruct_model=None,
