@@ -56,7 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
-    app.state.registry = metrics.install(app, services.sessions)
+    app.state.registry, latency = metrics.new_registry(services.sessions)
+    app.add_middleware(metrics.LatencyMiddleware, latency=latency)
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)

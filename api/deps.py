@@ -1,4 +1,7 @@
-"""Request dependencies as `Annotated` aliases, so route signatures read like prose."""
+"""Request dependencies as `Annotated` aliases, so route signatures read like prose.
+
+Dependencies that do no I/O are `async def`: FastAPI runs sync ones in the thread pool, a hop per request each.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ class Unauthenticated(ServiceError):
     code = "invalid_api_key"
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -49,11 +52,11 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_settings(services: ServicesDep) -> Settings:
+async def get_settings(services: ServicesDep) -> Settings:
     return services.settings
 
 
-def get_store(services: ServicesDep) -> ArtifactStore:
+async def get_store(services: ServicesDep) -> ArtifactStore:
     return services.store
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
-from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.models import Job, JobStatus
 
@@ -29,7 +29,7 @@ class JobCollector(Collector):
         yield GaugeMetricFamily("langadapt_queue_depth", "Jobs waiting for a worker", value=counts.get("queued", 0))
 
 
-def install(app: FastAPI, sessions: sessionmaker[Session]) -> CollectorRegistry:
+def new_registry(sessions: sessionmaker[Session]) -> tuple[CollectorRegistry, Histogram]:
     registry = CollectorRegistry()
     registry.register(JobCollector(sessions))
     latency = Histogram(
@@ -39,14 +39,30 @@ def install(app: FastAPI, sessions: sessionmaker[Session]) -> CollectorRegistry:
         registry=registry,
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     )
+    return registry, latency
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+
+class LatencyMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware task per request): time to the response start, labelled by route."""
+
+    def __init__(self, app: ASGIApp, latency: Histogram) -> None:
+        self.app, self.latency = app, latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        latency.labels(request.method, path, str(response.status_code)).observe(time.perf_counter() - started)
-        return response
+        status = 500
 
-    return registry
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.latency.labels(scope["method"], route, str(status)).observe(time.perf_counter() - started)

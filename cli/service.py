@@ -21,7 +21,6 @@ def serve(args: argparse.Namespace) -> None:
     """Run the API; with the embedded defaults also migrate the database and start the workers."""
     import uvicorn
 
-    from api.app import create_app
     from jobs.db import upgrade
 
     settings = Settings()
@@ -45,7 +44,15 @@ def serve(args: argparse.Namespace) -> None:
         flush=True,
     )
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        # The factory string lets uvicorn start one API process per --workers (each builds its app from settings).
+        uvicorn.run(
+            "api.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
     finally:
         for process in workers:
             _stop(process)
@@ -139,6 +146,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--port", type=int, default=8000)
     run.add_argument("--no-worker", action="store_true", help="API only (production runs workers separately)")
     run.add_argument("--migrate", action="store_true", help="upgrade the database first (automatic on SQLite)")
+    run.add_argument("--workers", type=int, default=1, help="API processes (one per core for high request rates)")
     run.add_argument("--log-level", default="info")
     run.set_defaults(handler=serve)
 

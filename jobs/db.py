@@ -35,7 +35,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if "poolclass" not in kwargs:
-        kwargs.update(pool_size=10, max_overflow=20, pool_timeout=5)
+        # As many pooled connections as the API's thread pool has threads (40), so bursts do not churn them.
+        kwargs.update(pool_size=40, max_overflow=10, pool_timeout=5)
     return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5}, **kwargs)
 
 

@@ -1,7 +1,7 @@
 """Run a real job through a running service (default: `scripts/serve` on http://127.0.0.1:8000) and print its
 timeline and scores: create a team, upload a Russian corpus slice and held-out text, submit, poll, download.
 
-    python scripts/service_demo.py [--url URL] [--steps 40] [--corpus-chars 2000000]
+    python scripts/service_demo.py [--url URL] [--steps 40] [--corpus-chars 2000000] [--shared ../shared/data]
 
 SmolLM2-135M-Instruct is the base model (the only causal LM that installs offline); the held-out text is taiga.
 """
@@ -20,7 +20,7 @@ import httpx
 
 from core.adaptation.corpus import iter_documents
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _jsonl(path: Path, chars: int) -> bytes:
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--corpus-chars", type=int, default=2_000_000)
     parser.add_argument("--new-tokens", type=int, default=4000)
+    parser.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder")
     args = parser.parse_args()
 
     created = subprocess.run(
@@ -49,8 +50,8 @@ def main() -> None:
         print(json.dumps({"file": response.json()}), flush=True)
         return response.json()["id"]
 
-    corpus = upload("ruslit.jsonl", _jsonl(SHARED / "ru" / "ruslit.jsonl.xz", args.corpus_chars))
-    heldout = upload("taiga.jsonl", _jsonl(SHARED / "ru" / "taiga_devtest.jsonl", 30_000))
+    corpus = upload("ruslit.jsonl", _jsonl(args.shared / "ru" / "ruslit.jsonl.xz", args.corpus_chars))
+    heldout = upload("taiga.jsonl", _jsonl(args.shared / "ru" / "taiga_devtest.jsonl", 30_000))
     body = {
         "base_model": "smollm2-135m-instruct",
         "corpus_file": corpus,

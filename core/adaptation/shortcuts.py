@@ -5,6 +5,7 @@ Kept free of torch/transformers imports so the job service can list and validate
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -22,6 +23,11 @@ SHORTCUTS: dict[str, tuple[str, str, str]] = {
 
 def available_shortcuts() -> dict[str, str]:
     """Shortcut name -> local file, for the shortcuts whose package is installed (packages are not imported)."""
+    return dict(_installed())
+
+
+@functools.cache  # package lookups stat the filesystem; the service asks on every job submission
+def _installed() -> dict[str, str]:
     found = {}
     for name, (package, relpath, _) in SHORTCUTS.items():
         module = importlib.util.find_spec(package)
