@@ -9,30 +9,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors, metrics
-from api.deps import Services
 from api.routes import ROUTERS
-from jobs.db import check_migrated, make_engine, make_sessionmaker
-from jobs.queue import celery_app
+from jobs.db import check_migrated
+from jobs.runtime import build_services
 from jobs.settings import Settings
-from jobs.storage import StorageUnavailable, open_store
+from jobs.storage import StorageUnavailable
 
 log = logging.getLogger("langadapt.api")
-
-
-def build_services(settings: Settings) -> Services:
-    engine = make_engine(settings.database)
-    store = open_store(
-        settings.storage,
-        endpoint=settings.s3_endpoint,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key,
-        secure=settings.s3_secure,
-        region=settings.s3_region,
-        public_endpoint=settings.s3_public_endpoint,
-    )
-    return Services(
-        settings=settings, engine=engine, sessions=make_sessionmaker(engine), store=store, celery=celery_app(settings)
-    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

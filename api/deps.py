@@ -6,30 +6,17 @@ Dependencies that do no I/O are `async def`: FastAPI runs sync ones in the threa
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Annotated
 
-from celery import Celery
 from fastapi import Depends, Request
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from jobs.errors import ServiceError
 from jobs.models import Team
+from jobs.runtime import Services
 from jobs.settings import Settings
 from jobs.storage import ArtifactStore
 from jobs.teams import authenticate
-
-
-@dataclass
-class Services:
-    """Everything the app builds once at start-up (see api.app.create_app)."""
-
-    settings: Settings
-    engine: Engine
-    sessions: sessionmaker[Session]
-    store: ArtifactStore
-    celery: Celery
 
 
 class Unauthenticated(ServiceError):

@@ -10,6 +10,7 @@ from sqlalchemy import ColumnElement, Select, exists, func, select
 from sqlalchemy.orm import Session
 
 from jobs.models import Job, JobLabel, Score, Team
+from jobs.pages import page
 
 # group-by / filter name -> column
 COLUMNS: dict[str, Any] = {
@@ -54,7 +55,7 @@ def list_results(
     if after is not None:
         query = query.where(Score.id < after)
     rows = [(score, job) for score, job in session.execute(query.order_by(Score.id.desc()).limit(limit + 1))]
-    return rows[:limit], (rows[limit - 1][0].id if len(rows) > limit else None)
+    return page(rows, limit, lambda row: row[0].id)
 
 
 def group_results(session: Session, team: Team, flt: ResultFilter, group_by: list[str], *, limit: int) -> list[dict]:

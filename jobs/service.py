@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from jobs.catalogue import check_model_reference
 from jobs.errors import Conflict, Invalid, NotFound
 from jobs.models import RETRYABLE, File, Job, JobEvent, JobLabel, JobStatus, Team, utcnow
+from jobs.pages import page
 from jobs.settings import Settings
 from jobs.spec import JobRequest
 from jobs.storage import ArtifactStore
@@ -31,6 +32,14 @@ def get_job(session: Session, team: Team, job_id: str) -> Job:
     if job is None or job.team_id != team.id:
         raise NotFound(f"no job {job_id!r}", code="job_not_found", param="job_id")
     return job
+
+
+def list_files(session: Session, team: Team, *, after: str | None, limit: int) -> tuple[list[File], str | None]:
+    """Newest first; `after` is the last id of the previous page."""
+    query = select(File).where(File.team_id == team.id)
+    if after is not None:
+        query = query.where(File.id < after)
+    return page(list(session.scalars(query.order_by(File.id.desc()).limit(limit + 1))), limit, lambda row: row.id)
 
 
 def get_file(session: Session, team: Team, file_id: str, *, param: str = "file_id") -> File:
@@ -133,8 +142,7 @@ def list_jobs(
         query = query.where(exists().where(JobLabel.job_id == Job.id, JobLabel.key == key, JobLabel.value == value))
     if after is not None:
         query = query.where(Job.id < after)
-    rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
-    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+    return page(list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1))), limit, lambda job: job.id)
 
 
 def cancel_job(session: Session, team: Team, job_id: str) -> Job:
@@ -197,8 +205,7 @@ def list_events(session: Session, job: Job, *, after: int | None, limit: int) ->
     query = select(JobEvent).where(JobEvent.job_id == job.id)
     if after is not None:
         query = query.where(JobEvent.id > after)
-    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
-    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+    return page(list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1))), limit, lambda event: event.id)
 
 
 def _event(session: Session, job_id: str, message: str) -> None:

@@ -12,6 +12,8 @@ from functools import cached_property
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobs.storage import ArtifactStore, open_store
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LANGADAPT_", env_file=".env", extra="ignore")
@@ -66,6 +68,17 @@ class Settings(BaseSettings):
     @property
     def storage(self) -> str:
         return self.storage_url or os.path.join(self.data_path, "artifacts")
+
+    def open_store(self) -> ArtifactStore:
+        return open_store(
+            self.storage,
+            endpoint=self.s3_endpoint,
+            access_key=self.s3_access_key,
+            secret_key=self.s3_secret_key,
+            secure=self.s3_secure,
+            region=self.s3_region,
+            public_endpoint=self.s3_public_endpoint,
+        )
 
     @property
     def work(self) -> str:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import cache
 
 from celery import Task
-from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
 
 from jobs import execution
-from jobs.db import make_engine, make_sessionmaker
 from jobs.queue import REAP, RUN_JOB, dispatch
-from jobs.storage import ArtifactStore, open_store
+from jobs.runtime import Services, build_services
 from worker.app import app, settings
 from worker.runner import JobRunner
 
@@ -24,26 +20,9 @@ UNDISPATCHED_GRACE_S = 30.0
 DB_RETRY_S = 5
 
 
-@dataclass(frozen=True)
-class WorkerServices:
-    engine: Engine
-    sessions: sessionmaker[Session]
-    store: ArtifactStore
-
-
 @cache
-def services() -> WorkerServices:
-    engine = make_engine(settings.database)
-    store = open_store(
-        settings.storage,
-        endpoint=settings.s3_endpoint,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key,
-        secure=settings.s3_secure,
-        region=settings.s3_region,
-        public_endpoint=settings.s3_public_endpoint,
-    )
-    return WorkerServices(engine=engine, sessions=make_sessionmaker(engine), store=store)
+def services() -> Services:
+    return build_services(settings)
 
 
 @app.task(name=RUN_JOB, bind=True, max_retries=None)

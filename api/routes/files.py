@@ -3,15 +3,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, UploadFile, status
-from sqlalchemy import select
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
 from api.routes.pagination import Limit
 from api.schemas import ERROR_RESPONSES, FilePublic, FilesPublic
+from jobs import service
 from jobs.errors import TooLarge
 from jobs.files import upload_file
-from jobs.models import File
-from jobs.service import get_file
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES)
 
@@ -34,14 +32,10 @@ def create_file(
 def list_files(
     team: CurrentTeam, session: SessionDep, limit: Limit = 20, after: Annotated[str | None, Query()] = None
 ) -> FilesPublic:
-    query = select(File).where(File.team_id == team.id)
-    if after is not None:
-        query = query.where(File.id < after)
-    rows = list(session.scalars(query.order_by(File.id.desc()).limit(limit + 1)))
-    page = rows[:limit]
-    return FilesPublic(data=[FilePublic.of(r) for r in page], next=page[-1].id if len(rows) > limit else None)
+    rows, cursor = service.list_files(session, team, after=after, limit=limit)
+    return FilesPublic(data=[FilePublic.of(row) for row in rows], next=cursor)
 
 
 @router.get("/{file_id}", response_model=FilePublic)
 def read_file(file_id: str, team: CurrentTeam, session: SessionDep) -> FilePublic:
-    return FilePublic.of(get_file(session, team, file_id))
+    return FilePublic.of(service.get_file(session, team, file_id))

@@ -15,6 +15,7 @@ from api.schemas import ERROR_RESPONSES, EventPublic, EventsPublic, JobPublic, J
 from jobs import service
 from jobs.models import TERMINAL, Job, JobStatus, Team
 from jobs.queue import dispatch
+from jobs.runtime import Services
 from jobs.spec import JobRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -129,7 +130,7 @@ async def _stream(
             yield ": keep-alive\n\n"
 
 
-def _poll(services: ServicesDep, team: Team, job_id: str, after: int | None) -> tuple[list, Job]:
+def _poll(services: Services, team: Team, job_id: str, after: int | None) -> tuple[list, Job]:
     with services.sessions() as session:
         job = service.get_job(session, team, job_id)
         events, _ = service.list_events(session, job, after=after, limit=500)

@@ -9,13 +9,11 @@ import lzma
 
 import pytest
 
-from jobs.storage import open_store
-
 RU = "Мороз и солнце; день чудесный!\nЕщё ты дремлешь, друг прелестный —\n\nПора, красавица, проснись.\n"
 
 
 def _store(settings):
-    return open_store(settings.storage, endpoint=settings.s3_endpoint, access_key="test", secret_key="test")
+    return settings.open_store()
 
 
 @pytest.mark.parametrize(

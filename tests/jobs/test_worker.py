@@ -9,7 +9,6 @@ import time
 
 import httpx
 
-from jobs.storage import open_store
 from tests.jobs.conftest import all_events, job_body, wait_for
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -46,7 +45,7 @@ def test_job_runs_end_to_end_through_the_worker(client, auth, settings, start_wo
     for name in ("tokenizer/tokenizer.json", "propagate-conversion/model.safetensors", "evaluate/scores.json"):
         data = _download(client, auth, job["id"], name)
         assert (len(data), hashlib.sha256(data).hexdigest()) == (artifacts[name]["size"], artifacts[name]["sha256"])
-    store = open_store(settings.storage, endpoint=settings.s3_endpoint, access_key="test", secret_key="test")
+    store = settings.open_store()
     prefix = f"teams/{team_id(client, auth)}/jobs/{job['id']}/"
     manifest = json.loads(b"".join(store.iter_bytes(prefix + "manifest.json")))
     assert {a["name"] for a in manifest["artifacts"]} == set(artifacts)
@@ -126,3 +125,27 @@ def test_cancel_stops_cpt_and_retry_resumes_from_the_checkpoint(
     assert skipped == ["tokenizer", "init"]
     first_metrics = next(e["data"] for e in second if e["type"] == "metrics" and e["stage"] == "cpt")
     assert stopped_at < first_metrics["step"] <= stopped_at + 10  # resumed, not restarted from step 0
+
+
+def test_a_model_in_the_service_bucket_is_fetched_by_the_worker(
+    client, auth, settings, start_worker, model_root, files
+) -> None:
+    store = client.app.state.services.store
+    for path in (model_root / "base").iterdir():
+        store.put_file(f"models/tiny-base/{path.name}", str(path))
+    bucket = settings.storage.removeprefix("s3://")
+    start_worker(settings, queues="gpu")
+    body = job_body(
+        model_root,
+        files,
+        base_model=f"s3://{bucket}/models/tiny-base",
+        instruct_model=None,
+        evaluation={"tasks": ["symbols_per_token"]},
+    )
+    job = client.post("/v1/jobs", headers=auth, json=body).json()
+    done = wait_for(client, auth, job["id"], lambda j: j["status"] in TERMINAL)
+    assert done["status"] == "succeeded", done
+    # Another team's prefix, a missing prefix and another bucket are refused at submit time.
+    for ref in (f"s3://{bucket}/teams/team_other/models/x", f"s3://{bucket}/models/missing", "s3://elsewhere/models/x"):
+        refused = client.post("/v1/jobs", headers=auth, json={**body, "base_model": ref})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_model", ref

@@ -1,0 +1,34 @@
+"""The process-wide handles the API and the workers build once from settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobs.db import make_engine, make_sessionmaker
+from jobs.queue import celery_app
+from jobs.settings import Settings
+from jobs.storage import ArtifactStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+    celery: Celery  # a client: sends task names, never imports training code
+
+
+def build_services(settings: Settings) -> Services:
+    engine = make_engine(settings.database)
+    return Services(
+        settings=settings,
+        engine=engine,
+        sessions=make_sessionmaker(engine),
+        store=settings.open_store(),
+        celery=celery_app(settings),
+    )
