@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,18 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from core.adaptation.corpus import iter_documents
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+def _shared_data() -> Path:
+    """`../shared/data` beside the checkout; `LANGADAPT_SHARED_DATA` or the machine's /work/shared for clones
+    elsewhere (a CI clone in a temporary folder)."""
+    if configured := os.environ.get("LANGADAPT_SHARED_DATA"):
+        return Path(configured)
+    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    machine = Path("/work/shared/data")
+    return beside if beside.is_dir() or not machine.is_dir() else machine
+
+
+SHARED_DATA = _shared_data()
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

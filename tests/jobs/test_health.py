@@ -80,6 +80,7 @@ def test_local_store_streams_artifacts_and_refuses_traversal(tmp_path, make_sett
                 "evaluate%2Fscores.json",
                 "evaluate/./scores.json",
                 "evaluate//scores.json",
+                "/etc/passwd",
                 "..%2F..%2Fetc%2Fpasswd",
                 "evaluate%5Cscores.json",
             ):
