@@ -241,14 +241,15 @@ def stop_server(server: subprocess.Popen) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=300, help="target requests per second")
-    parser.add_argument("--post-rate", type=float, default=None, help="target rate of POST /v1/jobs (default --rate)")
+    parser.add_argument(
+        "--post-rate", type=float, default=150, help="target rate of POST /v1/jobs (~200/s saturates 2 cores)"
+    )
     parser.add_argument("--seconds", type=float, default=10, help="measured seconds per endpoint")
     parser.add_argument("--connections", type=int, default=32, help="client keep-alive connections at most")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (one per core)")
     parser.add_argument("--pg-admin", default="host=127.0.0.1 port=5432 user=postgres dbname=test")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="broker; flushed before and after")
     args = parser.parse_args()
-    args.post_rate = args.post_rate or args.rate
 
     name = f"langadapt_bench_{os.getpid()}"
     pg = dict(part.split("=", 1) for part in args.pg_admin.split())
