@@ -27,6 +27,7 @@ from core.adaptation.corpus import split_heldout
 from core.adaptation.errors import AdaptationInputError
 from core.adaptation.manifest import MANIFEST, is_complete, read_manifest, sha256_file
 from core.adaptation.pipeline import StageCancelled, run_pipeline
+from core.adaptation.train.cpt import latest_checkpoint
 from jobs import execution
 from jobs.catalogue import catalogue, store_key
 from jobs.files import fetch_file
@@ -37,6 +38,9 @@ from jobs.storage import ArtifactStore, S3Store, StorageError
 
 log = logging.getLogger("langadapt.worker")
 
+CPT_WORK = "cpt.work"  # the pipeline's CPT step-checkpoint folder (core.adaptation.pipeline)
+CPT_CONFIG = "cpt_config.json"
+CHECKPOINT_MARKER = "checkpoint.json"
 FINISH_RETRY_S = 3600.0  # how long a finished job waits for the database to record its outcome
 ARTIFACT_KINDS = {
     "tokenizer": "tokenizer",
@@ -161,13 +165,16 @@ class JobRunner:
             error = execution.JobError("internal_error", f"{type(exc).__name__}: {exc}", progress.stage, "system")
         finally:
             monitor.close()
+        if status != JobStatus.succeeded:
+            self._save_checkpoint(job)
         if error is not None:
             progress({"type": "message", "stage": error.stage, "message": f"failed: {error.message}"})
         if not self._finish(job.id, status, error):
             log.warning("job %s was taken from this worker (reaped?): result %s not recorded", job.id, status)
             return None
-        if status == JobStatus.succeeded:
-            shutil.rmtree(self._run_dir(job), ignore_errors=True)  # everything is in storage now
+        if status == JobStatus.succeeded:  # everything is in storage now: drop scratch space and checkpoints
+            shutil.rmtree(self._run_dir(job), ignore_errors=True)
+            self._drop_checkpoint(job)
         return status
 
     def _finish(self, job_id: str, status: JobStatus, error: execution.JobError | None) -> bool:
@@ -203,6 +210,7 @@ class JobRunner:
         models = {ref: self._model_path(ref, job) for ref in (request.base_model, request.instruct_model) if ref}
         spec = request.to_adaptation_spec(files=files, models=models, heldout=heldout, mera_dir=self.settings.mera_dir)
         self._restore_stages(job, run_dir)
+        self._restore_checkpoint(job, run_dir)
         run_pipeline(
             spec,
             run_dir,
@@ -257,6 +265,45 @@ class JobRunner:
             shutil.rmtree(local, ignore_errors=True)
             for row in rows:
                 self.store.download(row.storage_key, os.path.join(run_dir, row.name))
+
+    def _save_checkpoint(self, job: Job) -> None:
+        """Keep an interrupted CPT's latest checkpoint in storage too, so a retry on another machine resumes it.
+        Best-effort: the local copy stays for a retry here; the marker is written last."""
+        work = os.path.join(self._run_dir(job), CPT_WORK)
+        checkpoint = latest_checkpoint(work)
+        if checkpoint is None:
+            return
+        prefix = job_prefix(job) + "checkpoints/"
+        files = [os.path.join(work, CPT_CONFIG)] + [
+            os.path.join(root, name) for root, _, names in os.walk(checkpoint) for name in names
+        ]
+        try:
+            self.store.delete_prefix(prefix)
+            for path in files:
+                self.store.put_file(prefix + os.path.relpath(path, work).replace(os.sep, "/"), path)
+            marker = {"checkpoint": os.path.relpath(checkpoint, work), "files": len(files)}
+            self.store.put_bytes(prefix + CHECKPOINT_MARKER, json.dumps(marker).encode())
+        except (StorageError, OSError) as exc:
+            log.warning("job %s: checkpoint not saved to storage: %s", job.id, exc)
+
+    def _drop_checkpoint(self, job: Job) -> None:
+        try:
+            self.store.delete_prefix(job_prefix(job) + "checkpoints/")
+        except StorageError as exc:
+            log.warning("job %s: stale checkpoint left in storage: %s", job.id, exc)
+
+    def _restore_checkpoint(self, job: Job, run_dir: str) -> None:
+        """Before a retry on a machine without the interrupted CPT's checkpoint, fetch it from storage."""
+        work = os.path.join(run_dir, CPT_WORK)
+        if is_complete(os.path.join(run_dir, "cpt")) or latest_checkpoint(work) is not None:
+            return
+        prefix = job_prefix(job) + "checkpoints/"
+        if self.store.stat(prefix + CHECKPOINT_MARKER) is None:
+            return
+        for obj in self.store.list(prefix):
+            relative = obj.key[len(prefix) :]
+            if relative != CHECKPOINT_MARKER:
+                self.store.download(obj.key, os.path.join(work, relative))
 
     def _publish(self, job: Job, stage: str, path: str) -> None:
         """Upload a completed stage's files (manifest last), record them, and the scores after `evaluate`."""

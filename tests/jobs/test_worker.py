@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import httpx
@@ -49,6 +50,7 @@ def test_job_runs_end_to_end_through_the_worker(client, auth, settings, start_wo
     prefix = f"teams/{team_id(client, auth)}/jobs/{job['id']}/"
     manifest = json.loads(b"".join(store.iter_bytes(prefix + "manifest.json")))
     assert {a["name"] for a in manifest["artifacts"]} == set(artifacts)
+    assert store.list(prefix + "checkpoints/") == []  # nothing but the artifacts is kept after success
 
     # Scores in SQL are exactly the evaluate stage's report.
     report = json.loads(_download(client, auth, job["id"], "evaluate/scores.json"))
@@ -112,7 +114,9 @@ def test_cancel_stops_cpt_and_retry_resumes_from_the_checkpoint(
     stopped_at = int(message.rsplit(" ", 1)[-1])  # "cpt cancelled at step N"
     assert stopped_at >= 20
 
-    # Retry with the same request: completed stages are skipped, CPT resumes from the cancel checkpoint.
+    # Retry on "another machine" (the worker's scratch space is gone): completed stages and the cancel checkpoint
+    # come back from storage; completed stages are skipped and CPT resumes from the checkpoint.
+    shutil.rmtree(os.path.join(settings.work, "jobs", job["id"]))
     # (The job's steps cannot change; a short run is made by lowering nothing: we cancel again after resuming.)
     retried = client.post(f"/v1/jobs/{job['id']}/retry", headers=auth).json()
     assert retried["status"] == "queued" and retried["attempt"] == 2
