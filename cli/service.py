@@ -8,6 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from sqlalchemy.orm import Session
 
 from jobs.queue import GPU_QUEUE, MAINTENANCE_QUEUE
 from jobs.settings import Settings
@@ -122,22 +127,78 @@ def db_upgrade(_: argparse.Namespace) -> None:
     print(json.dumps({"database": settings.database.split("@")[-1], "revision": "head"}))
 
 
-def create_team(args: argparse.Namespace) -> None:
+def _admin_session() -> AbstractContextManager[Session]:
     from jobs.db import check_migrated, make_engine, make_sessionmaker, session_scope, upgrade
-    from jobs.errors import Conflict
-    from jobs.teams import create_team as create
 
     settings = Settings()
     if _is_embedded(settings):
         upgrade(settings.database)
     engine = make_engine(settings.database)
     check_migrated(engine)
+    return session_scope(make_sessionmaker(engine))
+
+
+def _admin(action: Callable[[Session], dict[str, Any]]) -> None:
+    from jobs.errors import ServiceError
+
     try:
-        with session_scope(make_sessionmaker(engine)) as session:
-            team, key = create(session=session, name=args.name)
-    except Conflict as exc:
+        with _admin_session() as session:
+            result = action(session)
+    except ServiceError as exc:
         raise SystemExit(f"langadapt: error: {exc.message}") from None
-    print(json.dumps({"team_id": team.id, "name": team.name, "api_key": key}))
+    print(json.dumps(result))
+
+
+def create_team(args: argparse.Namespace) -> None:
+    from jobs import teams
+
+    def action(session: Session) -> dict[str, Any]:
+        team, key = teams.create_team(session=session, name=args.name)
+        return {"team_id": team.id, "name": team.name, "api_key": key}
+
+    _admin(action)
+
+
+def create_key(args: argparse.Namespace) -> None:
+    from jobs import teams
+
+    def action(session: Session) -> dict[str, Any]:
+        team = teams.team_by_name(session=session, name=args.team)
+        return {"team_id": team.id, "api_key": teams.create_key(session=session, team=team)}
+
+    _admin(action)
+
+
+def list_keys(args: argparse.Namespace) -> None:
+    from jobs import teams
+
+    def action(session: Session) -> dict[str, Any]:
+        team = teams.team_by_name(session=session, name=args.team)
+        keys = teams.list_keys(session=session, team=team)
+        return {
+            "team_id": team.id,
+            "keys": [
+                {
+                    "id": k.id,
+                    "hint": f"...{k.hint}",
+                    "created_at": k.created_at.isoformat(),
+                    "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+                }
+                for k in keys
+            ],
+        }
+
+    _admin(action)
+
+
+def revoke_key(args: argparse.Namespace) -> None:
+    from jobs import teams
+
+    def action(session: Session) -> dict[str, Any]:
+        key = teams.revoke_key(session=session, key_id=args.key_id)
+        return {"id": key.id, "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}
+
+    _admin(action)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -164,3 +225,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     team = admin_cmds.add_parser("create-team", help="create a team and print its first API key")
     team.add_argument("name")
     team.set_defaults(handler=create_team)
+    key = admin_cmds.add_parser("create-key", help="another API key for a team (rotation: create, then revoke)")
+    key.add_argument("team", help="team name")
+    key.set_defaults(handler=create_key)
+    keys = admin_cmds.add_parser("list-keys", help="a team's keys (ids and last characters, never the keys)")
+    keys.add_argument("team", help="team name")
+    keys.set_defaults(handler=list_keys)
+    revoke = admin_cmds.add_parser("revoke-key", help="revoke an API key at once")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=revoke_key)

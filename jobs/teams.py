@@ -8,8 +8,8 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from jobs.errors import Conflict
-from jobs.models import ApiKey, Team
+from jobs.errors import Conflict, NotFound
+from jobs.models import ApiKey, Team, utcnow
 
 KEY_PREFIX = "la_"
 
@@ -32,6 +32,28 @@ def create_key(*, session: Session, team: Team) -> str:
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(ApiKey(team_id=team.id, key_hash=hash_key(key), hint=key[-4:]))
     session.flush()
+    return key
+
+
+def team_by_name(*, session: Session, name: str) -> Team:
+    team = session.scalar(select(Team).where(Team.name == name))
+    if team is None:
+        raise NotFound(f"no team {name!r}", code="team_not_found", param="name")
+    return team
+
+
+def list_keys(*, session: Session, team: Team) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.team_id == team.id).order_by(ApiKey.id)))
+
+
+def revoke_key(*, session: Session, key_id: str) -> ApiKey:
+    """Revoke a key at once (idempotent); its team keeps its other keys."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"no key {key_id!r}", code="key_not_found", param="key_id")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
     return key
 
 
