@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from core.adaptation.shortcuts import available_shortcuts
 from jobs.errors import Invalid
+from jobs.layout import team_prefix
 from jobs.settings import Settings
 from jobs.storage import ArtifactStore, InvalidKey, S3Store, StorageError
 
@@ -31,10 +32,6 @@ def catalogue(settings: Settings) -> dict[str, CatalogueEntry]:
     entries = {name: CatalogueEntry(name, "builtin", path) for name, path in available_shortcuts().items()}
     entries.update({name: CatalogueEntry(name, "configured", loc) for name, loc in settings.model_catalogue.items()})
     return entries
-
-
-def team_prefix(team_id: str) -> str:
-    return f"teams/{team_id}/"
 
 
 def check_model_reference(ref: str, *, param: str, team_id: str, settings: Settings, store: ArtifactStore) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from core.adaptation.corpus import corpus_stats
 from core.adaptation.errors import AdaptationInputError
 from jobs.errors import Invalid, TooLarge, Unavailable
+from jobs.layout import file_key
 from jobs.models import File, Team, new_id
 from jobs.settings import Settings
 from jobs.storage import ArtifactStore, StorageError
@@ -40,10 +41,6 @@ def corpus_suffix(filename: str) -> str:
 def display_name(filename: str) -> str:
     base = os.path.basename(filename.replace("\\", "/")) or "upload"
     return re.sub(r"[^A-Za-z0-9._-]", "_", base)[-200:]
-
-
-def file_key(team_id: str, file_id: str, suffix: str) -> str:
-    return f"teams/{team_id}/files/{file_id}/corpus{suffix}"
 
 
 def upload_file(

@@ -26,9 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.adaptation.corpus import split_heldout
 from core.adaptation.errors import AdaptationInputError
 from core.adaptation.manifest import MANIFEST, is_complete, read_manifest, sha256_file
-from core.adaptation.pipeline import StageCancelled, run_pipeline
+from core.adaptation.pipeline import CPT_WORK, StageCancelled, run_pipeline, stage_dirname
+from core.adaptation.train.cpt import CONFIG_FILE as CPT_CONFIG_FILE
 from core.adaptation.train.cpt import latest_checkpoint
-from jobs import execution
+from jobs import execution, layout
 from jobs.catalogue import catalogue, store_key
 from jobs.files import fetch_file
 from jobs.models import Artifact, File, Job, JobStatus
@@ -38,8 +39,6 @@ from jobs.storage import ArtifactStore, S3Store, StorageError
 
 log = logging.getLogger("langadapt.worker")
 
-CPT_WORK = "cpt.work"  # the pipeline's CPT step-checkpoint folder (core.adaptation.pipeline)
-CPT_CONFIG = "cpt_config.json"
 CHECKPOINT_MARKER = "checkpoint.json"
 FINISH_RETRY_S = 3600.0  # how long a finished job waits for the database to record its outcome
 ARTIFACT_KINDS = {
@@ -58,11 +57,7 @@ def worker_name() -> str:
 
 
 def job_prefix(job: Job) -> str:
-    return f"teams/{job.team_id}/jobs/{job.id}/"
-
-
-def stage_dir(stage: str) -> str:
-    return stage.replace(":", "-")
+    return layout.job_prefix(job.team_id, job.id)
 
 
 class Monitor(threading.Thread):
@@ -274,7 +269,7 @@ class JobRunner:
         if checkpoint is None:
             return
         prefix = job_prefix(job) + "checkpoints/"
-        files = [os.path.join(work, CPT_CONFIG)] + [
+        files = [os.path.join(work, CPT_CONFIG_FILE)] + [
             os.path.join(root, name) for root, _, names in os.walk(checkpoint) for name in names
         ]
         try:
@@ -307,7 +302,7 @@ class JobRunner:
 
     def _publish(self, job: Job, stage: str, path: str) -> None:
         """Upload a completed stage's files (manifest last), record them, and the scores after `evaluate`."""
-        directory = stage_dir(stage)
+        directory = stage_dirname(stage)
         manifest = read_manifest(path) or {"files": []}
         hashes = {entry["path"]: entry["sha256"] for entry in manifest["files"]}
         with self.sessions() as session:

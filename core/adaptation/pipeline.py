@@ -33,7 +33,13 @@ from core.adaptation.vocab import VocabOptions, build_vocab
 
 Event = Callable[[dict[str, Any]], None]
 STAGE_INFO = "stage.json"
-LORA_ADAPTER = "lora_adapter"  # inside the cpt stage: the layers' delta of `lora+head`, merged into I by LEP
+LORA_ADAPTER = "lora_adapter"
+CPT_WORK = "cpt.work"  # CPT's step checkpoints, kept outside its stage directory until the stage completes
+
+
+def stage_dirname(stage: str) -> str:
+    """The folder a stage writes to inside the run directory (`propagate:swap` -> `propagate-swap`)."""
+    return stage.replace(":", "-")  # inside the cpt stage: the layers' delta of `lora+head`, merged into I by LEP
 
 
 @dataclass
@@ -44,7 +50,7 @@ class RunContext:
     should_cancel: Callable[[], bool] = lambda: False
 
     def path(self, stage: str) -> str:
-        return os.path.join(self.run_dir, stage.replace(":", "-"))
+        return os.path.join(self.run_dir, stage_dirname(stage))
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,7 @@ def _cpt_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     if ctx.spec.cpt.steps == 0:
         save_pretrained(model, tokenizer, out)
         return {"steps": 0}
-    work = ctx.path("cpt.work")
+    work = ctx.path(CPT_WORK)
     result = run_cpt(
         model,
         tokenizer,

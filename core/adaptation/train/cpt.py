@@ -513,6 +513,7 @@ def _save_final(
 # A checkpoint is written into `checkpoints/.tmp-step-...` and renamed into place when complete.
 
 _CHECKPOINT = re.compile(r"step-(\d{8})")
+CONFIG_FILE = "cpt_config.json"
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
@@ -532,7 +533,7 @@ def _prepare_out_dir(paths: _Paths, config: CPTConfig, resume: bool, accelerator
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
         os.makedirs(paths.checkpoints, exist_ok=True)
-        _write_json(os.path.join(paths.root, "cpt_config.json"), config.to_dict())
+        _write_json(os.path.join(paths.root, CONFIG_FILE), config.to_dict())
     accelerator.wait_for_everyone()
     return checkpoint
 
