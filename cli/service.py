@@ -79,12 +79,13 @@ def _prepare_broker(settings: Settings) -> None:
 def _start_workers() -> list[subprocess.Popen[bytes]]:
     """One GPU-queue worker (one job at a time) and one maintenance worker running the reaper's schedule."""
     return [
-        subprocess.Popen(_worker_command([GPU_QUEUE], beat=False), start_new_session=True),
-        subprocess.Popen(_worker_command([MAINTENANCE_QUEUE], beat=True), start_new_session=True),
+        subprocess.Popen(worker_command([GPU_QUEUE], beat=False), start_new_session=True),
+        subprocess.Popen(worker_command([MAINTENANCE_QUEUE], beat=True), start_new_session=True),
     ]
 
 
-def _worker_command(queues: list[str], *, beat: bool) -> list[str]:
+def worker_command(queues: list[str], *, beat: bool, name: str | None = None) -> list[str]:
+    """The Celery worker command line: one job at a time; with `beat`, the reaper's schedule (solo pool)."""
     command = [
         sys.executable,
         "-m",
@@ -99,7 +100,7 @@ def _worker_command(queues: list[str], *, beat: bool) -> list[str]:
         "--loglevel",
         "INFO",
         "-n",
-        f"{'-'.join(queues)}@%h",
+        f"{name or '-'.join(queues)}@%h",
     ]
     if beat:
         command += ["--beat", "--pool", "solo"]
@@ -116,7 +117,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    os.execv(sys.executable, _worker_command(args.queues.split(","), beat=args.beat))
+    os.execv(sys.executable, worker_command(args.queues.split(","), beat=args.beat))
 
 
 def db_upgrade(_: argparse.Namespace) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,6 +22,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from cli.service import worker_command
 from core.adaptation.sources import save_pretrained
 from jobs.db import make_engine, make_sessionmaker, session_scope, upgrade
 from jobs.settings import Settings
@@ -172,24 +172,7 @@ class WorkerProcess:
     """A real Celery worker (`celery -A worker.app worker`) in its own process group."""
 
     def __init__(self, settings: Settings, *, queues: str = "gpu,maintenance", beat: bool = False) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app",
-            "worker",
-            "-Q",
-            queues,
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "INFO",
-            "-n",
-            f"test-{uuid.uuid4().hex[:6]}@%h",
-        ]
-        if beat:
-            command += ["--beat"]
+        command = worker_command(queues.split(","), beat=beat, name=f"test-{uuid.uuid4().hex[:6]}")
         self.log_path = Path(settings.data_path) / f"worker-{uuid.uuid4().hex[:6]}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
