@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     )
     mera_dir: str | None = Field(None, description="MERA task files for mc_ruworldtree / mera_arith")
 
+    metrics_token: str | None = Field(None, description="bearer token /metrics requires (job counts are service-wide)")
     max_upload_bytes: int = Field(2 << 30, gt=0)
     max_page_size: int = Field(100, gt=0)
     presign_ttl_s: int = Field(900, gt=0)

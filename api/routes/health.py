@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -46,6 +48,25 @@ def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "checks": checks})
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-def metrics(request: Request) -> Response:
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: {"model": ErrorBody, "description": "token needed"}},
+)
+def metrics(request: Request, services: ServicesDep) -> Response:
+    """Prometheus text format. With LANGADAPT_METRICS_TOKEN set, scrapers must send it as a bearer token."""
+    token = services.settings.metrics_token
+    if token:
+        sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(sent.encode(), token.encode()):
+            return JSONResponse(
+                {
+                    "error": {
+                        "code": "invalid_metrics_token",
+                        "message": "send 'Authorization: Bearer <metrics token>'",
+                        "param": None,
+                    }
+                },
+                status_code=401,
+            )
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

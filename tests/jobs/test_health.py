@@ -27,6 +27,15 @@ def test_health_ready_and_metrics(client, auth) -> None:
     assert 'langadapt_request_seconds_count{method="GET",route="/v1/jobs",status="200"}' in text
 
 
+def test_metrics_token_guards_service_wide_counts(make_settings) -> None:
+    with TestClient(create_app(make_settings(metrics_token="s3cret"))) as client:
+        refused = client.get("/metrics")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_metrics_token"
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        allowed = client.get("/metrics", headers={"Authorization": "Bearer s3cret"})
+        assert allowed.status_code == 200 and "langadapt_jobs" in allowed.text
+
+
 def test_readyz_names_what_is_down(make_settings) -> None:
     settings = make_settings(s3_endpoint=f"127.0.0.1:{free_port()}", broker_url=f"redis://127.0.0.1:{free_port()}/0")
     app = create_app(settings)
