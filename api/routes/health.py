@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api.deps import ServicesDep
+from api.errors import error_response
 from api.schemas import ErrorBody
 
 router = APIRouter(tags=["health"])
@@ -59,14 +60,5 @@ def metrics(request: Request, services: ServicesDep) -> Response:
     if token:
         sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(sent.encode(), token.encode()):
-            return JSONResponse(
-                {
-                    "error": {
-                        "code": "invalid_metrics_token",
-                        "message": "send 'Authorization: Bearer <metrics token>'",
-                        "param": None,
-                    }
-                },
-                status_code=401,
-            )
+            return error_response(401, "invalid_metrics_token", "send 'Authorization: Bearer <metrics token>'")
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
