@@ -62,7 +62,7 @@ def _check_s3_reference(ref: str, *, param: str, team_id: str, store: ArtifactSt
     if not (prefix.startswith(SHARED_MODELS_PREFIX) or prefix.startswith(team_prefix(team_id))):
         raise _refused(ref, param, f"s3 models must be under {SHARED_MODELS_PREFIX} or your team's prefix")
     try:
-        found = store.list(prefix) or ([store.stat(key.rstrip("/"))] if store.stat(key.rstrip("/")) else [])
+        found = bool(store.list(prefix)) or store.stat(key) is not None  # a folder of files, or one file
     except InvalidKey:
         raise _refused(ref, param, "malformed key") from None
     except StorageError:
