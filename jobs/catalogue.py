@@ -16,7 +16,7 @@ from core.adaptation.shortcuts import available_shortcuts
 from jobs.errors import Invalid
 from jobs.layout import team_prefix
 from jobs.settings import Settings
-from jobs.storage import ArtifactStore, InvalidKey, S3Store, StorageError
+from jobs.storage import ArtifactStore, InvalidKey, S3Store, StorageError, StoredObject
 
 SHARED_MODELS_PREFIX = "models/"
 
@@ -62,13 +62,21 @@ def _check_s3_reference(ref: str, *, param: str, team_id: str, store: ArtifactSt
     if not (prefix.startswith(SHARED_MODELS_PREFIX) or prefix.startswith(team_prefix(team_id))):
         raise _refused(ref, param, f"s3 models must be under {SHARED_MODELS_PREFIX} or your team's prefix")
     try:
-        found = bool(store.list(prefix)) or store.stat(key) is not None  # a folder of files, or one file
+        found = model_objects(store, key)
     except InvalidKey:
         raise _refused(ref, param, "malformed key") from None
     except StorageError:
         raise _refused(ref, param, "could not be read from storage") from None
     if not found:
         raise _refused(ref, param, "no objects under this URI")
+
+
+def model_objects(store: ArtifactStore, key: str) -> list[StoredObject]:
+    """The objects a model reference names: the files under `key/` (an HF folder), or the one file `key`."""
+    if objects := store.list(key + "/"):
+        return objects
+    single = store.stat(key)
+    return [single] if single is not None else []
 
 
 def store_key(store: S3Store, uri: str) -> str | None:

@@ -30,7 +30,7 @@ from core.adaptation.pipeline import CPT_WORK, StageCancelled, run_pipeline, sta
 from core.adaptation.train.cpt import CONFIG_FILE as CPT_CONFIG_FILE
 from core.adaptation.train.cpt import latest_checkpoint
 from jobs import execution, layout
-from jobs.catalogue import catalogue, store_key
+from jobs.catalogue import catalogue, model_objects, store_key
 from jobs.files import fetch_file
 from jobs.models import Artifact, File, Job, JobStatus
 from jobs.settings import Settings
@@ -236,7 +236,7 @@ class JobRunner:
         if key is None:
             raise AdaptationInputError(f"model {ref!r}: {location} is not in this service's store", "invalid_model")
         target = os.path.join(self.settings.work, "models", hashlib.sha256(location.encode()).hexdigest()[:16])
-        objects = self.store.list(key + "/") or [o for o in [self.store.stat(key)] if o is not None]
+        objects = model_objects(self.store, key)
         if not objects:
             raise AdaptationInputError(f"model {ref!r}: no objects in storage", "invalid_model")
         for obj in objects:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from urllib.parse import unquote
 
 from fastapi import APIRouter, Request, status
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
@@ -13,6 +12,7 @@ from jobs.execution import artifacts_of
 from jobs.models import Artifact
 from jobs.results import job_scores
 from jobs.service import get_job
+from jobs.storage import InvalidKey, validate_key
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["artifacts"], responses=ERROR_RESPONSES)
 
@@ -55,18 +55,14 @@ def download_artifact(
 
 
 def _check_name(name: str, request: Request) -> None:
-    """Names are '<stage>/<path>' exactly as listed; refuse traversal and encoded separators outright."""
-    raw = request.scope.get("raw_path", b"").decode("latin-1")
-    segments = name.split("/")
-    if (
-        not name
-        or name.startswith("/")
-        or "\\" in name
-        or any(segment in ("", ".", "..") for segment in segments)
-        or "%2f" in raw.lower()
-        or "%5c" in raw.lower()
-        or unquote(name) != name
-    ):
+    """Names are '<stage>/<path>' exactly as listed: a valid store key (no traversal, '%' or backslash), and no
+    separator may arrive URL-encoded (the decoded path could not tell it from a real one)."""
+    raw = request.scope.get("raw_path", b"").decode("latin-1").lower()
+    try:
+        validate_key(name)
+    except InvalidKey:
+        raise Invalid(f"invalid artifact name {name!r}", code="invalid_artifact_name", param="name") from None
+    if "%2f" in raw or "%5c" in raw:
         raise Invalid(f"invalid artifact name {name!r}", code="invalid_artifact_name", param="name")
 
 
