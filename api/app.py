@@ -8,12 +8,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors, metrics
-from api.routes import ROUTERS
-from jobs.db import check_migrated
-from jobs.runtime import build_services
-from jobs.settings import Settings
-from jobs.storage import StorageUnavailable
+from langadapt.api import errors, metrics
+from langadapt.api.routes import ROUTERS
+from langadapt.jobs.db import check_migrated
+from langadapt.jobs.runtime import build_services
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.storage import StorageUnavailable
 
 log = logging.getLogger("langadapt.api")
 

@@ -11,12 +11,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from jobs.errors import ServiceError
-from jobs.models import Team
-from jobs.runtime import Services
-from jobs.settings import Settings
-from jobs.storage import ArtifactStore
-from jobs.teams import authenticate
+from langadapt.jobs.errors import ServiceError
+from langadapt.jobs.models import Team
+from langadapt.jobs.runtime import Services
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.storage import ArtifactStore
+from langadapt.jobs.teams import authenticate
 
 
 class Unauthenticated(ServiceError):

@@ -11,8 +11,8 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
-from jobs.errors import ServiceError
-from jobs.storage import StorageUnavailable
+from langadapt.jobs.errors import ServiceError
+from langadapt.jobs.storage import StorageUnavailable
 
 log = logging.getLogger("langadapt.api")
 

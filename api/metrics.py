@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobs.models import Job, JobStatus
+from langadapt.jobs.models import Job, JobStatus
 
 
 class JobCollector(Collector):

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from jobs.models import Artifact, File, Job, JobEvent, Score
+from langadapt.jobs.models import Artifact, File, Job, JobEvent, Score
 
 
 class ErrorDetail(BaseModel):

@@ -38,9 +38,9 @@ import httpx
 import psycopg
 import redis
 
-from core.adaptation.shortcuts import available_shortcuts
-from jobs.db import make_engine, make_sessionmaker, session_scope, upgrade
-from jobs.teams import create_team
+from langadapt.core.adaptation.shortcuts import available_shortcuts
+from langadapt.jobs.db import make_engine, make_sessionmaker, session_scope, upgrade
+from langadapt.jobs.teams import create_team
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = "Мороз и солнце; день чудесный!\nЕщё ты дремлешь, друг прелестный.\nПора, красавица, проснись.\n" * 20
@@ -212,7 +212,7 @@ def start_server(env: dict[str, str], workers: int) -> tuple[subprocess.Popen, s
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "uvicorn", "langadapt.api.app:create_app", "--factory", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
     server = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

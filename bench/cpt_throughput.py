@@ -41,8 +41,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from core.adaptation.corpus import iter_documents
-from core.adaptation.train import CPTConfig, PackedBlocks, apply_trainable, run_cpt
+from langadapt.core.adaptation.corpus import iter_documents
+from langadapt.core.adaptation.train import CPTConfig, PackedBlocks, apply_trainable, run_cpt
 
 CORPUS = "../shared/data/ru/ruslit.jsonl.xz"
 

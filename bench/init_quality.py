@@ -14,12 +14,12 @@ import copy
 import json
 import time
 
-from core.adaptation.corpus import iter_documents
-from core.adaptation.evaluate.bits_per_char import bits_per_char
-from core.adaptation.sources import load_model
-from core.adaptation.surgery import change_vocabulary
-from core.adaptation.vocab import VocabOptions, build_vocab
-from core.adaptation.vocab.common import chars_per_token
+from langadapt.core.adaptation.corpus import iter_documents
+from langadapt.core.adaptation.evaluate.bits_per_char import bits_per_char
+from langadapt.core.adaptation.sources import load_model
+from langadapt.core.adaptation.surgery import change_vocabulary
+from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.vocab.common import chars_per_token
 
 DATA = "../shared/data"
 

@@ -29,12 +29,12 @@ import time
 from collections.abc import Callable
 from itertools import islice
 
-from core.adaptation.calibration import chat_example, copy_examples
-from core.adaptation.corpus import iter_documents
-from core.adaptation.evaluate.bits_per_char import bits_per_char
-from core.adaptation.evaluate.darucopy import copy_documents
-from core.adaptation.sources import load_model, save_pretrained
-from core.adaptation.train.sft import SFTConfig, encode_chat, run_sft
+from langadapt.core.adaptation.calibration import chat_example, copy_examples
+from langadapt.core.adaptation.corpus import iter_documents
+from langadapt.core.adaptation.evaluate.bits_per_char import bits_per_char
+from langadapt.core.adaptation.evaluate.darucopy import copy_documents
+from langadapt.core.adaptation.sources import load_model, save_pretrained
+from langadapt.core.adaptation.train.sft import SFTConfig, encode_chat, run_sft
 
 DATA = "../shared/data"
 SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")

@@ -19,8 +19,8 @@ import time
 def _run(variant: str, old: int, new: int, dim: int, queue: multiprocessing.Queue) -> None:
     import torch
 
-    from core.adaptation.mapping import VocabMapping
-    from core.adaptation.propagate import propagate_rows
+    from langadapt.core.adaptation.mapping import VocabMapping
+    from langadapt.core.adaptation.propagate import propagate_rows
 
     generator = torch.Generator().manual_seed(0)
     shared = torch.randperm(old, generator=generator)[: new // 3]

@@ -61,10 +61,10 @@ def _measure(
     train_chars: int | None,
     queue: multiprocessing.Queue,
 ) -> None:
-    from core.adaptation.corpus import iter_documents
-    from core.adaptation.sources import load_tokenizer
-    from core.adaptation.vocab import VocabOptions, build_vocab
-    from core.adaptation.vocab.common import chars_per_token
+    from langadapt.core.adaptation.corpus import iter_documents
+    from langadapt.core.adaptation.sources import load_tokenizer
+    from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
+    from langadapt.core.adaptation.vocab.common import chars_per_token
 
     tokenizer = load_tokenizer(source)
     started = time.perf_counter()

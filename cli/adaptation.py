@@ -11,16 +11,16 @@ import os
 import sys
 from typing import Any
 
-from core.adaptation.corpus import require_documents
-from core.adaptation.fsutil import atomic_output_dir
-from core.adaptation.init import INIT_METHODS
-from core.adaptation.pipeline import run_pipeline
-from core.adaptation.propagate import VARIANTS, propagate_saved
-from core.adaptation.sources import load_model, load_tokenizer, save_pretrained
-from core.adaptation.spec import load_spec
-from core.adaptation.surgery import change_vocabulary
-from core.adaptation.vocab import METHODS, VocabOptions, build_vocab
-from core.adaptation.vocab.common import count_tokens
+from langadapt.core.adaptation.corpus import require_documents
+from langadapt.core.adaptation.fsutil import atomic_output_dir
+from langadapt.core.adaptation.init import INIT_METHODS
+from langadapt.core.adaptation.pipeline import run_pipeline
+from langadapt.core.adaptation.propagate import VARIANTS, propagate_saved
+from langadapt.core.adaptation.sources import load_model, load_tokenizer, save_pretrained
+from langadapt.core.adaptation.spec import load_spec
+from langadapt.core.adaptation.surgery import change_vocabulary
+from langadapt.core.adaptation.vocab import METHODS, VocabOptions, build_vocab
+from langadapt.core.adaptation.vocab.common import count_tokens
 
 
 def _emit(payload: dict[str, Any]) -> None:

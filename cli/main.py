@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import adaptation, service
-from core.adaptation.errors import AdaptationInputError
+from langadapt.cli import adaptation, service
+from langadapt.core.adaptation.errors import AdaptationInputError
 
 EXIT_USER_ERROR = 2
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from jobs.queue import GPU_QUEUE, MAINTENANCE_QUEUE
-from jobs.settings import Settings
+from langadapt.jobs.queue import GPU_QUEUE, MAINTENANCE_QUEUE
+from langadapt.jobs.settings import Settings
 
 
 def _is_embedded(settings: Settings) -> bool:
@@ -26,7 +26,7 @@ def serve(args: argparse.Namespace) -> None:
     """Run the API; with the embedded defaults also migrate the database and start the workers."""
     import uvicorn
 
-    from jobs.db import upgrade
+    from langadapt.jobs.db import upgrade
 
     settings = Settings()
     if args.migrate or _is_embedded(settings):
@@ -51,7 +51,7 @@ def serve(args: argparse.Namespace) -> None:
     try:
         # The factory string lets uvicorn start one API process per --workers (each builds its app from settings).
         uvicorn.run(
-            "api.app:create_app",
+            "langadapt.api.app:create_app",
             factory=True,
             host=args.host,
             port=args.port,
@@ -69,7 +69,7 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 def _prepare_broker(settings: Settings) -> None:
     """Connect once before the workers start, so the embedded broker's tables are created by one process only."""
-    from jobs.queue import celery_app
+    from langadapt.jobs.queue import celery_app
 
     with celery_app(settings).connection_for_write() as connection:
         connection.ensure_connection(max_retries=3)
@@ -91,7 +91,7 @@ def worker_command(queues: list[str], *, beat: bool, name: str | None = None) ->
         "-m",
         "celery",
         "-A",
-        "worker.app",
+        "langadapt.worker.app",
         "worker",
         "-Q",
         ",".join(queues),
@@ -121,7 +121,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def db_upgrade(_: argparse.Namespace) -> None:
-    from jobs.db import upgrade
+    from langadapt.jobs.db import upgrade
 
     settings = Settings()
     upgrade(settings.database)
@@ -129,7 +129,7 @@ def db_upgrade(_: argparse.Namespace) -> None:
 
 
 def _admin_session() -> AbstractContextManager[Session]:
-    from jobs.db import check_migrated, make_engine, make_sessionmaker, session_scope, upgrade
+    from langadapt.jobs.db import check_migrated, make_engine, make_sessionmaker, session_scope, upgrade
 
     settings = Settings()
     if _is_embedded(settings):
@@ -140,7 +140,7 @@ def _admin_session() -> AbstractContextManager[Session]:
 
 
 def _admin(action: Callable[[Session], dict[str, Any]]) -> None:
-    from jobs.errors import ServiceError
+    from langadapt.jobs.errors import ServiceError
 
     try:
         with _admin_session() as session:
@@ -151,7 +151,7 @@ def _admin(action: Callable[[Session], dict[str, Any]]) -> None:
 
 
 def create_team(args: argparse.Namespace) -> None:
-    from jobs import teams
+    from langadapt.jobs import teams
 
     def action(session: Session) -> dict[str, Any]:
         team, key = teams.create_team(session=session, name=args.name)
@@ -161,7 +161,7 @@ def create_team(args: argparse.Namespace) -> None:
 
 
 def create_key(args: argparse.Namespace) -> None:
-    from jobs import teams
+    from langadapt.jobs import teams
 
     def action(session: Session) -> dict[str, Any]:
         team = teams.team_by_name(session=session, name=args.team)
@@ -171,7 +171,7 @@ def create_key(args: argparse.Namespace) -> None:
 
 
 def list_keys(args: argparse.Namespace) -> None:
-    from jobs import teams
+    from langadapt.jobs import teams
 
     def action(session: Session) -> dict[str, Any]:
         team = teams.team_by_name(session=session, name=args.team)
@@ -193,7 +193,7 @@ def list_keys(args: argparse.Namespace) -> None:
 
 
 def revoke_key(args: argparse.Namespace) -> None:
-    from jobs import teams
+    from langadapt.jobs import teams
 
     def action(session: Session) -> dict[str, Any]:
         key = teams.revoke_key(session=session, key_id=args.key_id)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from core.adaptation.shortcuts import available_shortcuts
-from jobs.errors import Invalid
-from jobs.layout import team_prefix
-from jobs.settings import Settings
-from jobs.storage import ArtifactStore, InvalidKey, S3Store, StorageError, StoredObject
+from langadapt.core.adaptation.shortcuts import available_shortcuts
+from langadapt.jobs.errors import Invalid
+from langadapt.jobs.layout import team_prefix
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.storage import ArtifactStore, InvalidKey, S3Store, StorageError, StoredObject
 
 SHARED_MODELS_PREFIX = "models/"
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from jobs.models import Artifact, Job, JobEvent, JobStatus, Score, utcnow
+from langadapt.jobs.models import Artifact, Job, JobEvent, JobStatus, Score, utcnow
 
 ACTIVE = (JobStatus.running, JobStatus.cancelling)
 

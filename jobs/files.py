@@ -14,13 +14,13 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
-from core.adaptation.corpus import corpus_stats
-from core.adaptation.errors import AdaptationInputError
-from jobs.errors import Invalid, TooLarge, Unavailable
-from jobs.layout import file_key
-from jobs.models import File, Team, new_id
-from jobs.settings import Settings
-from jobs.storage import ArtifactStore, StorageError
+from langadapt.core.adaptation.corpus import corpus_stats
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.jobs.errors import Invalid, TooLarge, Unavailable
+from langadapt.jobs.layout import file_key
+from langadapt.jobs.models import File, Team, new_id
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.storage import ArtifactStore, StorageError
 
 CORPUS_SUFFIXES = (".jsonl.xz", ".jsonl.gz", ".txt.xz", ".txt.gz", ".jsonl", ".txt")
 _COPY_BLOCK = 1 << 20

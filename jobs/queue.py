@@ -13,8 +13,8 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from jobs.models import Job, utcnow
-from jobs.settings import Settings
+from langadapt.jobs.models import Job, utcnow
+from langadapt.jobs.settings import Settings
 
 RUN_JOB = "langadapt.run_job"
 REAP = "langadapt.reap"

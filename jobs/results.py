@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, exists, func, select
 from sqlalchemy.orm import Session
 
-from jobs.models import Job, JobLabel, Score, Team
-from jobs.pages import page
+from langadapt.jobs.models import Job, JobLabel, Score, Team
+from langadapt.jobs.pages import page
 
 # group-by / filter name -> column
 COLUMNS: dict[str, Any] = {

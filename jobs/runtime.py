@@ -8,10 +8,10 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import make_engine, make_sessionmaker
-from jobs.queue import celery_app
-from jobs.settings import Settings
-from jobs.storage import ArtifactStore
+from langadapt.jobs.db import make_engine, make_sessionmaker
+from langadapt.jobs.queue import celery_app
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.storage import ArtifactStore
 
 
 @dataclass

@@ -16,13 +16,13 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from jobs.catalogue import check_model_reference
-from jobs.errors import Conflict, Invalid, NotFound
-from jobs.models import RETRYABLE, File, Job, JobEvent, JobLabel, JobStatus, Team, utcnow
-from jobs.pages import page
-from jobs.settings import Settings
-from jobs.spec import JobRequest
-from jobs.storage import ArtifactStore
+from langadapt.jobs.catalogue import check_model_reference
+from langadapt.jobs.errors import Conflict, Invalid, NotFound
+from langadapt.jobs.models import RETRYABLE, File, Job, JobEvent, JobLabel, JobStatus, Team, utcnow
+from langadapt.jobs.pages import page
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.spec import JobRequest
+from langadapt.jobs.storage import ArtifactStore
 
 MERA_TASKS = {"mc_ruworldtree", "mera_arith"}
 

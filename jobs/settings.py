@@ -12,7 +12,7 @@ from functools import cached_property
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.storage import ArtifactStore, open_store
+from langadapt.jobs.storage import ArtifactStore, open_store
 
 
 class Settings(BaseSettings):

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.adaptation.spec import (
+from langadapt.core.adaptation.spec import (
     AdaptationSpec,
     CalibrationSpec,
     CPTSpec,

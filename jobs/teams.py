@@ -8,8 +8,8 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from jobs.errors import Conflict, NotFound
-from jobs.models import ApiKey, Team, utcnow
+from langadapt.jobs.errors import Conflict, NotFound
+from langadapt.jobs.models import ApiKey, Team, utcnow
 
 KEY_PREFIX = "la_"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
-from jobs.db import make_engine
-from jobs.models import Base
-from jobs.settings import Settings
+from langadapt.jobs.db import make_engine
+from langadapt.jobs.models import Base
+from langadapt.jobs.settings import Settings
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or Settings().database

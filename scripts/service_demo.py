@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from core.adaptation.corpus import iter_documents
+from langadapt.core.adaptation.corpus import iter_documents
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

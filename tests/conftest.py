@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from core.adaptation.corpus import iter_documents
+from langadapt.core.adaptation.corpus import iter_documents
 
 
 def _shared_data() -> Path:
@@ -95,7 +95,7 @@ def english_byte_level_tokenizer(en_texts: list[str]) -> PreTrainedTokenizerFast
 def mistral_tokenizer() -> PreTrainedTokenizerFast:
     """The real Mistral-7B v1 SentencePiece tokenizer (byte fallback, Metaspace)."""
     pytest.importorskip("mistral_common")
-    from core.adaptation.sources import load_tokenizer
+    from langadapt.core.adaptation.sources import load_tokenizer
 
     return load_tokenizer("mistral-7b-v1")
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from cli.main import main
-from core.adaptation.sources import load_model, load_tokenizer, save_pretrained
+from langadapt.cli.main import main
+from langadapt.core.adaptation.sources import load_model, load_tokenizer, save_pretrained
 
 
 def _run(capsys, *argv: str) -> tuple[int, dict | None, str]:

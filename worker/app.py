@@ -1,5 +1,5 @@
-"""The Celery worker: `celery -A worker.app worker -Q gpu` (one process per GPU) and
-`celery -A worker.app worker -Q maintenance -B` (the reaper's schedule). `langadapt worker` wraps both."""
+"""The Celery worker: `celery -A langadapt.worker.app worker -Q gpu` (one process per GPU) and
+`celery -A langadapt.worker.app worker -Q maintenance -B` (the reaper's schedule). `langadapt worker` wraps both."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import os
 
 from celery.signals import worker_init
 
-from jobs.db import check_migrated
-from jobs.queue import celery_app
-from jobs.settings import Settings
+from langadapt.jobs.db import check_migrated
+from langadapt.jobs.queue import celery_app
+from langadapt.jobs.settings import Settings
 
 settings = Settings()
 app = celery_app(settings)
 app.conf.update(
-    include=["worker.tasks"],
+    include=["langadapt.worker.tasks"],
     # A fresh child process per job: GPU memory and any state a job leaves behind go with it.
     worker_max_tasks_per_child=1,
     beat_schedule_filename=os.path.join(settings.data_path, "celerybeat-schedule"),
@@ -23,6 +23,6 @@ app.conf.update(
 
 @worker_init.connect
 def _refuse_unmigrated(**_: object) -> None:
-    from worker.tasks import services
+    from langadapt.worker.tasks import services
 
     check_migrated(services().engine)

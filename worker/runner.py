@@ -23,19 +23,19 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.adaptation.corpus import split_heldout
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.manifest import MANIFEST, is_complete, read_manifest, sha256_file
-from core.adaptation.pipeline import CPT_WORK, StageCancelled, run_pipeline, stage_dirname
-from core.adaptation.train.cpt import CONFIG_FILE as CPT_CONFIG_FILE
-from core.adaptation.train.cpt import latest_checkpoint
-from jobs import execution, layout
-from jobs.catalogue import catalogue, model_objects, store_key
-from jobs.files import fetch_file
-from jobs.models import Artifact, File, Job, JobStatus
-from jobs.settings import Settings
-from jobs.spec import JobRequest
-from jobs.storage import ArtifactStore, S3Store, StorageError
+from langadapt.core.adaptation.corpus import split_heldout
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.manifest import MANIFEST, is_complete, read_manifest, sha256_file
+from langadapt.core.adaptation.pipeline import CPT_WORK, StageCancelled, run_pipeline, stage_dirname
+from langadapt.core.adaptation.train.cpt import CONFIG_FILE as CPT_CONFIG_FILE
+from langadapt.core.adaptation.train.cpt import latest_checkpoint
+from langadapt.jobs import execution, layout
+from langadapt.jobs.catalogue import catalogue, model_objects, store_key
+from langadapt.jobs.files import fetch_file
+from langadapt.jobs.models import Artifact, File, Job, JobStatus
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.spec import JobRequest
+from langadapt.jobs.storage import ArtifactStore, S3Store, StorageError
 
 log = logging.getLogger("langadapt.worker")
 

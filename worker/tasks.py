@@ -8,11 +8,11 @@ from functools import cache
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from jobs import execution
-from jobs.queue import REAP, RUN_JOB, dispatch
-from jobs.runtime import Services, build_services
-from worker.app import app, settings
-from worker.runner import JobRunner
+from langadapt.jobs import execution
+from langadapt.jobs.queue import REAP, RUN_JOB, dispatch
+from langadapt.jobs.runtime import Services, build_services
+from langadapt.worker.app import app, settings
+from langadapt.worker.runner import JobRunner
 
 log = logging.getLogger("langadapt.worker")
 

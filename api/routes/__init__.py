@@ -1,5 +1,5 @@
 """One router per resource; each carries its full path prefix (`/v1/...`, health at the root)."""
 
-from api.routes import artifacts, files, health, jobs, models, results
+from langadapt.api.routes import artifacts, files, health, jobs, models, results
 
 ROUTERS = [health.router, files.router, jobs.router, artifacts.router, results.router, models.router]

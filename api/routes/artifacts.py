@@ -5,14 +5,14 @@ from datetime import timedelta
 from fastapi import APIRouter, Request, status
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
-from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
-from api.schemas import ERROR_RESPONSES, ArtifactPublic, ArtifactsPublic, ScorePublic, ScoresPublic
-from jobs.errors import Invalid, NotFound
-from jobs.execution import artifacts_of
-from jobs.models import Artifact
-from jobs.results import job_scores
-from jobs.service import get_job
-from jobs.storage import InvalidKey, validate_key
+from langadapt.api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
+from langadapt.api.schemas import ERROR_RESPONSES, ArtifactPublic, ArtifactsPublic, ScorePublic, ScoresPublic
+from langadapt.jobs.errors import Invalid, NotFound
+from langadapt.jobs.execution import artifacts_of
+from langadapt.jobs.models import Artifact
+from langadapt.jobs.results import job_scores
+from langadapt.jobs.service import get_job
+from langadapt.jobs.storage import InvalidKey, validate_key
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["artifacts"], responses=ERROR_RESPONSES)
 

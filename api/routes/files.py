@@ -4,12 +4,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, UploadFile, status
 
-from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
-from api.routes.pagination import Limit
-from api.schemas import ERROR_RESPONSES, FilePublic, FilesPublic
-from jobs import service
-from jobs.errors import TooLarge
-from jobs.files import upload_file
+from langadapt.api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
+from langadapt.api.routes.pagination import Limit
+from langadapt.api.schemas import ERROR_RESPONSES, FilePublic, FilesPublic
+from langadapt.jobs import service
+from langadapt.jobs.errors import TooLarge
+from langadapt.jobs.files import upload_file
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES)
 

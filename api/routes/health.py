@@ -9,9 +9,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from api.deps import ServicesDep
-from api.errors import error_response
-from api.schemas import ErrorBody
+from langadapt.api.deps import ServicesDep
+from langadapt.api.errors import error_response
+from langadapt.api.schemas import ErrorBody
 
 router = APIRouter(tags=["health"])
 

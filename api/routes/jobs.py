@@ -9,14 +9,14 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentTeam, ServicesDep, SessionDep, SettingsDep, StoreDep
-from api.routes.pagination import Limit, parse_labels
-from api.schemas import ERROR_RESPONSES, EventPublic, EventsPublic, JobPublic, JobsPublic
-from jobs import service
-from jobs.models import TERMINAL, Job, JobStatus, Team
-from jobs.queue import dispatch
-from jobs.runtime import Services
-from jobs.spec import JobRequest
+from langadapt.api.deps import CurrentTeam, ServicesDep, SessionDep, SettingsDep, StoreDep
+from langadapt.api.routes.pagination import Limit, parse_labels
+from langadapt.api.schemas import ERROR_RESPONSES, EventPublic, EventsPublic, JobPublic, JobsPublic
+from langadapt.jobs import service
+from langadapt.jobs.models import TERMINAL, Job, JobStatus, Team
+from langadapt.jobs.queue import dispatch
+from langadapt.jobs.runtime import Services
+from langadapt.jobs.spec import JobRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import CurrentTeam, SettingsDep
-from api.schemas import ERROR_RESPONSES, ModelPublic, ModelsPublic
-from jobs.catalogue import catalogue
+from langadapt.api.deps import CurrentTeam, SettingsDep
+from langadapt.api.schemas import ERROR_RESPONSES, ModelPublic, ModelsPublic
+from langadapt.jobs.catalogue import catalogue
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Query
 
-from jobs.errors import Invalid
+from langadapt.jobs.errors import Invalid
 
 Limit = Annotated[int, Query(ge=1, le=100, description="page size")]
 

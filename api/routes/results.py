@@ -5,11 +5,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from api.deps import CurrentTeam, SessionDep
-from api.routes.pagination import Limit, parse_labels
-from api.schemas import ERROR_RESPONSES, ResultGroup, ResultGroupsPublic, ResultPublic, ResultsPublic
-from jobs.errors import Invalid
-from jobs.results import COLUMNS, ResultFilter, group_results, list_results
+from langadapt.api.deps import CurrentTeam, SessionDep
+from langadapt.api.routes.pagination import Limit, parse_labels
+from langadapt.api.schemas import ERROR_RESPONSES, ResultGroup, ResultGroupsPublic, ResultPublic, ResultsPublic
+from langadapt.jobs.errors import Invalid
+from langadapt.jobs.results import COLUMNS, ResultFilter, group_results, list_results
 
 router = APIRouter(prefix="/v1/results", tags=["results"], responses=ERROR_RESPONSES)
 

@@ -45,10 +45,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.corpus import require_documents
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate.darucopy import copy_documents
-from core.adaptation.evaluate.generation import greedy_generations, has_chat_template, prompt_ids
+from langadapt.core.adaptation.corpus import require_documents
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.evaluate.darucopy import copy_documents
+from langadapt.core.adaptation.evaluate.generation import greedy_generations, has_chat_template, prompt_ids
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 Example = dict[str, list[dict[str, str]]]

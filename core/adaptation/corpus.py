@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.errors import AdaptationInputError
 
 _OPENERS = {".xz": lzma.open, ".gz": gzip.open}
 _SNIFF_BYTES = 8192

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
-from core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.errors import AdaptationInputError
 
 
 @contextlib.contextmanager

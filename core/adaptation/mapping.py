@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.adaptation.tokens import Vocabulary
+from langadapt.core.adaptation.tokens import Vocabulary
 
 
 @dataclass(frozen=True)

@@ -18,18 +18,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from core.adaptation.calibration import CalibrationOptions, build_calibration_set, save_examples
-from core.adaptation.corpus import iter_documents, require_documents
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate import EvalData, evaluate
-from core.adaptation.manifest import is_complete, read_manifest, write_manifest
-from core.adaptation.propagate import propagate_saved
-from core.adaptation.sources import load_model, load_tokenizer, resolve, save_pretrained
-from core.adaptation.spec import AdaptationSpec
-from core.adaptation.surgery import change_vocabulary
-from core.adaptation.train.cpt import CPTConfig, run_cpt
-from core.adaptation.train.sft import SFTConfig, run_sft
-from core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.calibration import CalibrationOptions, build_calibration_set, save_examples
+from langadapt.core.adaptation.corpus import iter_documents, require_documents
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.evaluate import EvalData, evaluate
+from langadapt.core.adaptation.manifest import is_complete, read_manifest, write_manifest
+from langadapt.core.adaptation.propagate import propagate_saved
+from langadapt.core.adaptation.sources import load_model, load_tokenizer, resolve, save_pretrained
+from langadapt.core.adaptation.spec import AdaptationSpec
+from langadapt.core.adaptation.surgery import change_vocabulary
+from langadapt.core.adaptation.train.cpt import CPTConfig, run_cpt
+from langadapt.core.adaptation.train.sft import SFTConfig, run_sft
+from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
 
 Event = Callable[[dict[str, Any]], None]
 STAGE_INFO = "stage.json"

@@ -42,11 +42,11 @@ from safetensors.torch import load_file
 from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.mapping import VocabMapping
-from core.adaptation.sources import load_model, save_pretrained
-from core.adaptation.surgery import check_tokenizer_matches, has_tied_head, set_vocab_rows
-from core.adaptation.tokens import Vocabulary
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.mapping import VocabMapping
+from langadapt.core.adaptation.sources import load_model, save_pretrained
+from langadapt.core.adaptation.surgery import check_tokenizer_matches, has_tied_head, set_vocab_rows
+from langadapt.core.adaptation.tokens import Vocabulary
 
 Variant = Literal["swap", "overlap", "conversion"]
 VARIANTS: tuple[Variant, ...] = ("swap", "overlap", "conversion")

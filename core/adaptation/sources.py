@@ -26,9 +26,9 @@ from tokenizers.models import BPE, Unigram
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter, generate_merges, import_protobuf
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.fsutil import atomic_output_dir
-from core.adaptation.shortcuts import SHORTCUTS, available_shortcuts
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.fsutil import atomic_output_dir
+from langadapt.core.adaptation.shortcuts import SHORTCUTS, available_shortcuts
 
 T = TypeVar("T")
 

@@ -10,8 +10,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.task_names import TASK_NAMES
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.task_names import TASK_NAMES
 
 Variant = Literal["swap", "overlap", "conversion"]
 

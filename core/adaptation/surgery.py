@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.init import InitContext, get_init
-from core.adaptation.mapping import VocabMapping
-from core.adaptation.tokens import Vocabulary
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.init import InitContext, get_init
+from langadapt.core.adaptation.mapping import VocabMapping
+from langadapt.core.adaptation.tokens import Vocabulary
 
 
 def check_tokenizer_matches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, what: str = "model") -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from core.adaptation.calibration import (
+from langadapt.core.adaptation.calibration import (
     COPY_INSTRUCTIONS,
     DROP_REASONS,
     SELF_CALIBRATION_TEMPLATES,
@@ -26,9 +26,9 @@ from core.adaptation.calibration import (
     script_share,
     self_calibration_prompts,
 )
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate.generation import prompt_ids
-from core.adaptation.train.sft import IGNORE_INDEX, SFTConfig, encode_chat, lora_layer_indices, run_sft
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.evaluate.generation import prompt_ids
+from langadapt.core.adaptation.train.sft import IGNORE_INDEX, SFTConfig, encode_chat, lora_layer_indices, run_sft
 
 EXAMPLES = [
     {
@@ -280,7 +280,7 @@ def test_answers_are_cached_and_reused(tiny_model, tok, ru_corpus, tmp_path):
 
 def test_kept_answers_become_examples(tiny_model, tok, ru_corpus, tmp_path, monkeypatch):
     """A stub model answering in Russian, in English, in a loop or not at all: each lands where it belongs."""
-    import core.adaptation.calibration as calibration
+    import langadapt.core.adaptation.calibration as calibration
 
     canned = ["Хороший ответ на русском.", "An English answer.", "ха-ха " * 20, "", "Оборванный ответ", "Ещё ответ."]
 

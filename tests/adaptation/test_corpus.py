@@ -8,8 +8,8 @@ import lzma
 
 import pytest
 
-from core.adaptation.corpus import corpus_stats, iter_documents, require_documents, split_heldout
-from core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.corpus import corpus_stats, iter_documents, require_documents, split_heldout
+from langadapt.core.adaptation.errors import AdaptationInputError
 
 DOCS = ["Первый документ.", "Second document", "третий — ёж"]
 

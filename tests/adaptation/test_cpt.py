@@ -16,8 +16,8 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.train import CPTConfig, DataPosition, PackedBlocks, latest_checkpoint, run_cpt
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.train import CPTConfig, DataPosition, PackedBlocks, latest_checkpoint, run_cpt
 
 SEQ = 32
 

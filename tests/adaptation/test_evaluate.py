@@ -12,14 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate import TASK_NAMES, TASKS, EvalData, ScoreRow, evaluate, micro_avg
-from core.adaptation.evaluate.bits_per_char import bits_per_char_rows
-from core.adaptation.evaluate.darucopy import char_f1, copy_documents, copy_en, copy_ru, copy_scores, exact_match
-from core.adaptation.evaluate.generation import greedy_generate, prompt_ids
-from core.adaptation.evaluate.mc_ruworldtree import continuation_logprobs, mc_ruworldtree, question_prompt
-from core.adaptation.evaluate.mera_arith import mera_arith, numbers_match, parse_number
-from core.adaptation.evaluate.symbols_per_token import symbols_per_token
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.evaluate import TASK_NAMES, TASKS, EvalData, ScoreRow, evaluate, micro_avg
+from langadapt.core.adaptation.evaluate.bits_per_char import bits_per_char_rows
+from langadapt.core.adaptation.evaluate.darucopy import (
+    char_f1,
+    copy_documents,
+    copy_en,
+    copy_ru,
+    copy_scores,
+    exact_match,
+)
+from langadapt.core.adaptation.evaluate.generation import greedy_generate, prompt_ids
+from langadapt.core.adaptation.evaluate.mc_ruworldtree import continuation_logprobs, mc_ruworldtree, question_prompt
+from langadapt.core.adaptation.evaluate.mera_arith import mera_arith, numbers_match, parse_number
+from langadapt.core.adaptation.evaluate.symbols_per_token import symbols_per_token
 from tests.conftest import shared_file
 
 RU_SENTENCES = [

@@ -6,9 +6,9 @@ import hashlib
 
 import pytest
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.manifest import is_complete, read_manifest, write_manifest
-from core.adaptation.spec import AdaptationSpec, load_spec
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.manifest import is_complete, read_manifest, write_manifest
+from langadapt.core.adaptation.spec import AdaptationSpec, load_spec
 
 
 def test_manifest_lists_sha256_and_size_and_detects_damage(tmp_path) -> None:

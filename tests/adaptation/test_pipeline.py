@@ -9,11 +9,11 @@ import shutil
 import pytest
 import yaml
 
-from cli.main import main
-from core.adaptation.manifest import is_complete
-from core.adaptation.pipeline import StageCancelled, run_pipeline
-from core.adaptation.sources import save_pretrained
-from core.adaptation.spec import AdaptationSpec
+from langadapt.cli.main import main
+from langadapt.core.adaptation.manifest import is_complete
+from langadapt.core.adaptation.pipeline import StageCancelled, run_pipeline
+from langadapt.core.adaptation.sources import save_pretrained
+from langadapt.core.adaptation.spec import AdaptationSpec
 from tests.conftest import shared_file
 
 TASKS = ["symbols_per_token", "bits_per_char", "copy_ru", "mc_ruworldtree", "mera_arith", "micro_avg"]

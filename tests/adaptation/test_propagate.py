@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.mapping import VocabMapping
-from core.adaptation.propagate import projection, propagate_embeddings, propagate_rows
-from core.adaptation.surgery import change_vocabulary, set_vocab_rows
-from core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.mapping import VocabMapping
+from langadapt.core.adaptation.propagate import projection, propagate_embeddings, propagate_rows
+from langadapt.core.adaptation.surgery import change_vocabulary, set_vocab_rows
+from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
 
 E_B = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])  # [V_old=4, d=2]
 Q = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
@@ -190,8 +190,8 @@ def test_incompatible_models_are_refused(tiny_model, english_byte_level_tokenize
 def test_lora_delta_learned_on_base_is_merged_into_instruct_with_a_scale(
     tmp_path, tiny_model, english_byte_level_tokenizer, ru_corpus
 ) -> None:
-    from core.adaptation.propagate import merge_layer_delta
-    from core.adaptation.train.cpt import CPTConfig, run_cpt
+    from langadapt.core.adaptation.propagate import merge_layer_delta
+    from langadapt.core.adaptation.train.cpt import CPTConfig, run_cpt
 
     tok = english_byte_level_tokenizer
     base = tiny_model(len(tok), seed=4)

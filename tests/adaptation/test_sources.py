@@ -8,8 +8,8 @@ import sentencepiece as spm
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.sources import (
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.sources import (
     LLAMA3_PATTERN,
     LLAMA3_SPECIAL_TOKENS,
     available_shortcuts,

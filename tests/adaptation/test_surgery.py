@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.surgery import change_vocabulary, has_tied_head
-from core.adaptation.tokens import Vocabulary
-from core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.surgery import change_vocabulary, has_tied_head
+from langadapt.core.adaptation.tokens import Vocabulary
+from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-from core.adaptation.mapping import VocabMapping
-from core.adaptation.tokens import Scheme, TokenKey, Vocabulary
-from core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.mapping import VocabMapping
+from langadapt.core.adaptation.tokens import Scheme, TokenKey, Vocabulary
+from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
 
 
 def test_byte_level_cyrillic_tokens_decode_to_their_text(english_byte_level_tokenizer, ru_corpus) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.tokens import Vocabulary
-from core.adaptation.vocab import VocabOptions, build_vocab
-from core.adaptation.vocab.common import chars_per_token
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.tokens import Vocabulary
+from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.vocab.common import chars_per_token
 from tests.conftest import sample_texts
 
 HELDOUT = 40_000
@@ -35,7 +35,7 @@ def source(request: pytest.FixtureRequest) -> PreTrainedTokenizerFast:
 def llama3_tokenizer() -> PreTrainedTokenizerFast:
     """LLaMa-3 keeps its 256 special tokens outside the BPE model vocabulary, after a gap-free 128,000."""
     pytest.importorskip("llama_models")
-    from core.adaptation.sources import load_tokenizer
+    from langadapt.core.adaptation.sources import load_tokenizer
 
     return load_tokenizer("llama-3")
 

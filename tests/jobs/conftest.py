@@ -21,12 +21,12 @@ import redis
 import uvicorn
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from cli.service import worker_command
-from core.adaptation.sources import save_pretrained
-from jobs.db import make_engine, make_sessionmaker, session_scope, upgrade
-from jobs.settings import Settings
-from jobs.teams import create_team
+from langadapt.api.app import create_app
+from langadapt.cli.service import worker_command
+from langadapt.core.adaptation.sources import save_pretrained
+from langadapt.jobs.db import make_engine, make_sessionmaker, session_scope, upgrade
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.teams import create_team
 from tests.conftest import shared_file
 from tests.s3_server import free_port, moto_s3_server
 
@@ -169,7 +169,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """A real Celery worker (`celery -A worker.app worker`) in its own process group."""
+    """A real Celery worker (`celery -A langadapt.worker.app worker`) in its own process group."""
 
     def __init__(self, settings: Settings, *, queues: str = "gpu,maintenance", beat: bool = False) -> None:
         command = worker_command(queues.split(","), beat=beat, name=f"test-{uuid.uuid4().hex[:6]}")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from cli.main import main
-from jobs.db import make_engine, make_sessionmaker
-from jobs.settings import Settings
-from jobs.teams import authenticate
+from langadapt.cli.main import main
+from langadapt.jobs.db import make_engine, make_sessionmaker
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.teams import authenticate
 
 
 def _run(capsys, *argv: str) -> dict:

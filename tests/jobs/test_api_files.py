@@ -57,7 +57,7 @@ def test_upload_counts_hashes_and_stores(client, auth, settings, name, data, doc
 def test_bad_uploads_are_refused_and_leave_nothing(make_settings, name, data, status, code) -> None:
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
+    from langadapt.api.app import create_app
     from tests.jobs.conftest import new_team_key
 
     settings = make_settings(max_upload_bytes=4096)

@@ -7,10 +7,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from jobs import execution
-from jobs.db import make_engine, make_sessionmaker, upgrade
-from jobs.models import File, Job, JobStatus, Team, utcnow
-from jobs.results import job_scores
+from langadapt.jobs import execution
+from langadapt.jobs.db import make_engine, make_sessionmaker, upgrade
+from langadapt.jobs.models import File, Job, JobStatus, Team, utcnow
+from langadapt.jobs.results import job_scores
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from jobs.db import DatabaseNotMigrated, upgrade
-from jobs.models import Artifact
+from langadapt.api.app import create_app
+from langadapt.jobs.db import DatabaseNotMigrated, upgrade
+from langadapt.jobs.models import Artifact
 from tests.jobs.conftest import LiveServer, new_team_key
 from tests.s3_server import free_port
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from jobs.execution import record_artifacts, record_scores
-from jobs.models import Artifact, Job
+from langadapt.jobs.execution import record_artifacts, record_scores
+from langadapt.jobs.models import Artifact, Job
 from tests.jobs.conftest import new_team_key
 
 OWN_TEAM_ONLY = ("/healthz", "/readyz", "/metrics", "/v1/models")  # operator or global endpoints, no team data

@@ -10,7 +10,7 @@ import time
 import httpx
 from fastapi.testclient import TestClient
 
-from api.app import create_app
+from langadapt.api.app import create_app
 from tests.conftest import shared_file
 from tests.jobs.conftest import LiveServer, all_events, job_body, new_team_key, wait_for
 from tests.tcp_proxy import TcpProxy

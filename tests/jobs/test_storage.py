@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.storage import (
+from langadapt.jobs.storage import (
     ArtifactStore,
     InvalidKey,
     LocalStore,

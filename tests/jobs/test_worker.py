@@ -84,7 +84,7 @@ def test_job_runs_end_to_end_through_the_worker(client, auth, settings, start_wo
 
 
 def team_id(client, auth) -> str:
-    from jobs.teams import authenticate
+    from langadapt.jobs.teams import authenticate
 
     with client.app.state.services.sessions() as session:
         return authenticate(session=session, key=auth["Authorization"].split()[1]).id

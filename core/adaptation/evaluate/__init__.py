@@ -21,15 +21,15 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate.base import EvalData, ScoreRow, TaskFn
-from core.adaptation.evaluate.bits_per_char import bits_per_char_rows
-from core.adaptation.evaluate.darucopy import copy_en, copy_ru
-from core.adaptation.evaluate.mc_ruworldtree import mc_ruworldtree
-from core.adaptation.evaluate.mera_arith import mera_arith
-from core.adaptation.evaluate.micro_avg import MICRO_AVG_METRICS, micro_avg
-from core.adaptation.evaluate.symbols_per_token import symbols_per_token
-from core.adaptation.task_names import MICRO_AVG, MODEL_TASKS, TASK_NAMES
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, TaskFn
+from langadapt.core.adaptation.evaluate.bits_per_char import bits_per_char_rows
+from langadapt.core.adaptation.evaluate.darucopy import copy_en, copy_ru
+from langadapt.core.adaptation.evaluate.mc_ruworldtree import mc_ruworldtree
+from langadapt.core.adaptation.evaluate.mera_arith import mera_arith
+from langadapt.core.adaptation.evaluate.micro_avg import MICRO_AVG_METRICS, micro_avg
+from langadapt.core.adaptation.evaluate.symbols_per_token import symbols_per_token
+from langadapt.core.adaptation.task_names import MICRO_AVG, MODEL_TASKS, TASK_NAMES
 
 TASKS: dict[str, TaskFn] = {
     "symbols_per_token": symbols_per_token,

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.errors import AdaptationInputError
 
 T = TypeVar("T")
 

@@ -26,9 +26,9 @@ from itertools import zip_longest
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate.base import EvalData, ScoreRow, require_texts, take
-from core.adaptation.evaluate.generation import greedy_generate, prompt_ids
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, require_texts, take
+from langadapt.core.adaptation.evaluate.generation import greedy_generate, prompt_ids
 
 MAX_CHARS = 300
 MIN_CHARS = 20

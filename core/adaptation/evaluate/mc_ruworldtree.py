@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate.base import EvalData, ScoreRow, load_mera
-from core.adaptation.evaluate.generation import model_device, pad_token_id
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, load_mera
+from langadapt.core.adaptation.evaluate.generation import model_device, pad_token_id
 
 DATASET = "ruWorldTree"
 LETTERS = "ABCD"

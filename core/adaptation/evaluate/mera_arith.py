@@ -16,9 +16,9 @@ from decimal import Decimal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate.base import EvalData, ScoreRow, load_mera
-from core.adaptation.evaluate.generation import greedy_generate, prompt_ids
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, load_mera
+from langadapt.core.adaptation.evaluate.generation import greedy_generate, prompt_ids
 
 DATASETS = {"simplear": "SimpleAr", "rumultiar": "ruMultiAr"}
 MAX_NEW_TOKENS = 24  # answers have at most 6 characters; room for a short preamble such as "Ответ: "

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate.base import ScoreRow
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.evaluate.base import ScoreRow
 
 MICRO_AVG_METRICS: tuple[tuple[str, str], ...] = (
     ("copy_ru", "f1"),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.evaluate.base import EvalData, ScoreRow, per_language_rows
-from core.adaptation.vocab.common import chars_per_token
+from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, per_language_rows
+from langadapt.core.adaptation.vocab.common import chars_per_token
 
 
 def symbols_per_token(

@@ -7,10 +7,10 @@ module with one function registered here.
 
 from __future__ import annotations
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.init.base import InitContext, InitFn
-from core.adaptation.init.mean import mean_init
-from core.adaptation.init.random import random_init
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.init.base import InitContext, InitFn
+from langadapt.core.adaptation.init.mean import mean_init
+from langadapt.core.adaptation.init.random import random_init
 
 INIT_METHODS: dict[str, InitFn] = {"mean": mean_init, "random": random_init}
 

@@ -7,8 +7,8 @@ from typing import Protocol
 
 import torch
 
-from core.adaptation.mapping import VocabMapping
-from core.adaptation.tokens import Vocabulary
+from langadapt.core.adaptation.mapping import VocabMapping
+from langadapt.core.adaptation.tokens import Vocabulary
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from core.adaptation.init.base import InitContext
+from langadapt.core.adaptation.init.base import InitContext
 
 
 def mean_init(ctx: InitContext, new_ids: torch.Tensor) -> torch.Tensor:

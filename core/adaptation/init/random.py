@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from core.adaptation.init.base import InitContext
+from langadapt.core.adaptation.init.base import InitContext
 
 _JITTER = 1e-6  # keeps the Cholesky factor defined when the covariance is rank-deficient
 

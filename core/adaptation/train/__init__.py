@@ -1,6 +1,6 @@
 """Training stages of language adaptation: continued pretraining (CPT) on the target-language corpus."""
 
-from core.adaptation.train.cpt import (
+from langadapt.core.adaptation.train.cpt import (
     LORA_TARGETS,
     TRAINABLE,
     CPTConfig,
@@ -11,7 +11,7 @@ from core.adaptation.train.cpt import (
     run_cpt,
     trainable_parameters,
 )
-from core.adaptation.train.packing import DataPosition, PackedBlocks
+from langadapt.core.adaptation.train.packing import DataPosition, PackedBlocks
 
 __all__ = [
     "LORA_TARGETS",

@@ -60,12 +60,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.corpus import require_documents
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.fsutil import atomic_output_dir
-from core.adaptation.sources import save_pretrained
-from core.adaptation.surgery import check_tokenizer_matches
-from core.adaptation.train.packing import DataPosition, PackedBlocks, Prefetcher, eos_token_id, micro_batches
+from langadapt.core.adaptation.corpus import require_documents
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.fsutil import atomic_output_dir
+from langadapt.core.adaptation.sources import save_pretrained
+from langadapt.core.adaptation.surgery import check_tokenizer_matches
+from langadapt.core.adaptation.train.packing import DataPosition, PackedBlocks, Prefetcher, eos_token_id, micro_batches
 
 Trainable = Literal["embeddings", "embeddings+head", "lora+head", "full"]
 TRAINABLE: tuple[Trainable, ...] = ("embeddings", "embeddings+head", "lora+head", "full")

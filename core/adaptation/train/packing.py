@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from core.adaptation.corpus import iter_documents
-from core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.corpus import iter_documents
+from langadapt.core.adaptation.errors import AdaptationInputError
 
 T = TypeVar("T")
 

@@ -38,9 +38,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.evaluate.generation import has_chat_template, pad_token_id
-from core.adaptation.train.cpt import (
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.evaluate.generation import has_chat_template, pad_token_id
+from langadapt.core.adaptation.train.cpt import (
     LORA_TARGETS,
     OriginalState,  # what training changes on the caller's model besides the values: put back at the end
     ProgressCallback,

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.vocab import bpe, extended, optimized, unigram
-from core.adaptation.vocab.common import VocabOptions, VocabReport, VocabResult
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.vocab import bpe, extended, optimized, unigram
+from langadapt.core.adaptation.vocab.common import VocabOptions, VocabReport, VocabResult
 
 Builder = Callable[[PreTrainedTokenizerBase, str, VocabOptions], VocabResult]
 

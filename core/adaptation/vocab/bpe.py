@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.tokens import Vocabulary
-from core.adaptation.vocab.common import (
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.tokens import Vocabulary
+from langadapt.core.adaptation.vocab.common import (
     VocabOptions,
     VocabResult,
     heldout_texts,

@@ -13,9 +13,9 @@ from typing import Any, Literal
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from core.adaptation.corpus import iter_documents, require_documents
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.tokens import Scheme, Vocabulary
+from langadapt.core.adaptation.corpus import iter_documents, require_documents
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.tokens import Scheme, Vocabulary
 
 Priority = Literal["new-first", "old-first"]
 KeepBy = Literal["frequency", "first-ids"]

@@ -17,9 +17,9 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.tokens import Vocabulary
-from core.adaptation.vocab.common import (
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.tokens import Vocabulary
+from langadapt.core.adaptation.vocab.common import (
     Priority,
     VocabOptions,
     VocabResult,

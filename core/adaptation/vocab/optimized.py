@@ -21,10 +21,10 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from core.adaptation.corpus import iter_documents
-from core.adaptation.errors import AdaptationInputError
-from core.adaptation.tokens import Scheme, Vocabulary
-from core.adaptation.vocab.common import (
+from langadapt.core.adaptation.corpus import iter_documents
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.tokens import Scheme, Vocabulary
+from langadapt.core.adaptation.vocab.common import (
     BYTE_PIECES,
     VocabOptions,
     VocabResult,
@@ -37,7 +37,7 @@ from core.adaptation.vocab.common import (
     training_texts,
     wrap_like,
 )
-from core.adaptation.vocab.extended import extend_bpe, train_target_bpe
+from langadapt.core.adaptation.vocab.extended import extend_bpe, train_target_bpe
 
 FREQUENCY_SAMPLE_CHARS = 2_000_000  # per language
 

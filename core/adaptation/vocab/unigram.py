@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from core.adaptation.vocab.bpe import build_replacement
-from core.adaptation.vocab.common import VocabOptions, VocabResult
+from langadapt.core.adaptation.vocab.bpe import build_replacement
+from langadapt.core.adaptation.vocab.common import VocabOptions, VocabResult
 
 
 def build(source: PreTrainedTokenizerBase, corpus: str, options: VocabOptions) -> VocabResult:
