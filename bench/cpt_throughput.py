@@ -41,8 +41,11 @@ from transformers import (
     TrainingArguments,
 )
 
+from langadapt.core.adaptation.config import CPTConfig
 from langadapt.core.adaptation.corpus import iter_documents
-from langadapt.core.adaptation.train import CPTConfig, PackedBlocks, apply_trainable, run_cpt
+from langadapt.core.adaptation.train.common import apply_trainable
+from langadapt.core.adaptation.train.cpt import run_cpt
+from langadapt.core.adaptation.train.packing import PackedBlocks
 
 CORPUS = "../shared/data/ru/ruslit.jsonl.xz"
 
@@ -164,27 +167,27 @@ def measure_trainer(
     compile_: bool,
 ) -> float:
     total = config.total_steps()
-    needed = total * config.micro_batch_size * config.grad_accum_steps
+    needed = total * config.batch_size * config.grad_accum
     blocks = []
     for block, _ in PackedBlocks(tokenizer, corpus, config.seq_len):  # the blocks our loop trains on
         blocks.append(torch.from_numpy(block))
         if len(blocks) == needed:
             break
-    apply_trainable(model, config)
+    apply_trainable(model, config.trainable, config)
     timer = _StepTimer((warmup, total), cuda)
     with tempfile.TemporaryDirectory(prefix="cpt-bench-trainer-") as out:
         args = TrainingArguments(
             output_dir=out,
             max_steps=total,
-            per_device_train_batch_size=config.micro_batch_size,
-            gradient_accumulation_steps=config.grad_accum_steps,
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum,
             learning_rate=config.lr,
             lr_scheduler_type="cosine",
             warmup_steps=config.warmup_steps,
             weight_decay=config.weight_decay,
             adam_beta1=config.betas[0],
             adam_beta2=config.betas[1],
-            max_grad_norm=config.grad_clip or 0.0,
+            max_grad_norm=config.max_grad_norm or 0.0,
             bf16=cuda,
             tf32=cuda or None,
             optim="adamw_torch_fused" if cuda else "adamw_torch",
@@ -239,8 +242,8 @@ def main() -> None:
                     trainable=mode,
                     steps=args.warmup + steps,
                     seq_len=args.seq_len,
-                    micro_batch_size=args.micro_batch or MICRO_BATCH[shape],
-                    grad_accum_steps=args.grad_accum,
+                    batch_size=args.micro_batch or MICRO_BATCH[shape],
+                    grad_accum=args.grad_accum,
                     warmup_steps=args.warmup,
                     log_every=args.warmup,
                     checkpoint_every=10**9,
@@ -259,8 +262,8 @@ def main() -> None:
                     "device": torch.cuda.get_device_name() if cuda else "cpu",
                     "precision": "bf16-autocast" if cuda else "fp32",
                     "seq_len": config.seq_len,
-                    "micro_batch": config.micro_batch_size,
-                    "grad_accum": config.grad_accum_steps,
+                    "micro_batch": config.batch_size,
+                    "grad_accum": config.grad_accum,
                     "timed_steps": steps,
                     "ours_compile": args.compile,
                     "trainer_compile": args.trainer_compile,

@@ -14,11 +14,12 @@ import copy
 import json
 import time
 
+from langadapt.core.adaptation.config import InitConfig, VocabConfig
 from langadapt.core.adaptation.corpus import iter_documents
 from langadapt.core.adaptation.evaluate.bits_per_char import bits_per_char
 from langadapt.core.adaptation.sources import load_model
 from langadapt.core.adaptation.surgery import change_vocabulary
-from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.vocab import build_vocab
 from langadapt.core.adaptation.vocab.common import chars_per_token
 
 DATA = "../shared/data"
@@ -55,18 +56,19 @@ def main() -> None:
     original = score("original", model, tokenizer, 0.0)
     for priority in ("new-first", "old-first"):
         started = time.perf_counter()
-        options = VocabOptions(
+        config = VocabConfig(
+            method="extended",
             new_tokens=args.new_tokens,
             train_chars=args.train_chars,
             priority=priority,  # type: ignore[arg-type]
-            heldout_path=f"{args.data}/ru/taiga_devtest.jsonl",
         )
-        new_tokenizer = build_vocab("extended", tokenizer, f"{args.data}/ru/ruslit.jsonl.xz", options).tokenizer
+        corpus, heldout = f"{args.data}/ru/ruslit.jsonl.xz", f"{args.data}/ru/taiga_devtest.jsonl"
+        new_tokenizer = build_vocab(tokenizer, corpus, config, heldout=heldout).tokenizer
         vocab_seconds = time.perf_counter() - started
         for init in ("mean", "random"):
             candidate = copy.deepcopy(model)
             started = time.perf_counter()
-            change_vocabulary(candidate, tokenizer, new_tokenizer, init=init)
+            change_vocabulary(candidate, tokenizer, new_tokenizer, InitConfig(method=init))  # type: ignore[arg-type]
             seconds = vocab_seconds + time.perf_counter() - started
             score(f"extended({priority})+{init}", candidate, new_tokenizer, seconds, original)
 

@@ -127,7 +127,7 @@ def main() -> None:
         lr=args.lr,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        grad_accum_steps=1,
+        grad_accum=1,
         max_len=args.max_len,
         warmup_ratio=0.1,
         seed=args.seed,

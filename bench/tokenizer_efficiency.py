@@ -63,17 +63,17 @@ def _measure(
 ) -> None:
     from langadapt.core.adaptation.corpus import iter_documents
     from langadapt.core.adaptation.sources import load_tokenizer
-    from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
+    from langadapt.core.adaptation.vocab import VocabConfig, build_vocab
     from langadapt.core.adaptation.vocab.common import chars_per_token
 
     tokenizer = load_tokenizer(source)
     started = time.perf_counter()
     report: dict[str, Any] = {}
     if method is not None:
-        opts = VocabOptions(
-            heldout_path=paths.heldout_ru, train_chars=train_chars, source_corpus=paths.source_corpus, **options
-        )
-        result = build_vocab(method, tokenizer, paths.corpus, opts)
+        if method == "optimized":
+            options = {**options, "source_corpus": paths.source_corpus}
+        config = VocabConfig(method=method, train_chars=train_chars, **options)
+        result = build_vocab(tokenizer, paths.corpus, config, heldout=paths.heldout_ru)
         tokenizer, report = result.tokenizer, result.report.to_dict()
     seconds = time.perf_counter() - started
     ru = list(iter_documents(paths.heldout_ru))

@@ -38,13 +38,14 @@ import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from langadapt.core.adaptation.config import CalibrationConfig
 from langadapt.core.adaptation.corpus import require_documents
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.evaluate.darucopy import copy_documents
@@ -93,59 +94,6 @@ COPY_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 FALLBACK_LANGUAGE = "en"
-
-
-@dataclass(frozen=True)
-class CalibrationOptions:
-    """What goes into the calibration set; the sizes are the LEP paper's.
-
-    `language` picks the instruction templates (`ru`, `en`; English for any other). Fewer passages in the corpus
-    than both parts ask for shrink both in proportion. `corpus_chars` caps how much of the corpus is read (None:
-    all of it); `script_sample_chars` how much of that measures the dominant script.
-    """
-
-    language: str = "ru"
-    self_calibration_examples: int = 13_500
-    copy_examples: int = 10_000
-    prompt_file: str | None = None
-    max_new_tokens: int = 512
-    batch_size: int = 16
-    passage_max_chars: int = 500
-    passage_min_chars: int = 50
-    corpus_chars: int | None = 20_000_000
-    script_sample_chars: int = 1_000_000
-    repeat_ngram_chars: int = 20
-    max_repeat_ratio: float = 0.5
-    min_script_ratio: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("self_calibration_examples", "copy_examples"):
-            if getattr(self, name) < 0:
-                raise AdaptationInputError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.self_calibration_examples + self.copy_examples == 0:
-            raise AdaptationInputError("the calibration set would be empty: ask for some examples")
-        for name in ("max_new_tokens", "batch_size", "passage_max_chars", "script_sample_chars", "repeat_ngram_chars"):
-            if getattr(self, name) < 1:
-                raise AdaptationInputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.passage_min_chars <= self.passage_max_chars:
-            raise AdaptationInputError("passage_min_chars must be in [1, passage_max_chars]")
-        if self.corpus_chars is not None and self.corpus_chars < 1:
-            raise AdaptationInputError(f"corpus_chars must be positive or None, got {self.corpus_chars}")
-        if not 0 < self.max_repeat_ratio <= 1 or not 0 <= self.min_script_ratio <= 1:
-            raise AdaptationInputError("max_repeat_ratio must be in (0, 1] and min_script_ratio in [0, 1]")
-        if not self.language.strip():
-            raise AdaptationInputError("language must not be empty")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CalibrationOptions:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise AdaptationInputError(f"unknown calibration option(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -228,7 +176,7 @@ def repeated_ngram_ratio(text: str, n: int) -> float:
     return 1 - len(set(grams)) / len(grams)
 
 
-def answer_problem(answer: str, finished: bool, profile: ScriptProfile, options: CalibrationOptions) -> str | None:
+def answer_problem(answer: str, finished: bool, profile: ScriptProfile, options: CalibrationConfig) -> str | None:
     """The first reason (of DROP_REASONS) to drop a generated answer, or None to keep it."""
     if not answer.strip():
         return "empty"
@@ -285,7 +233,7 @@ def read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
-def corpus_passages(texts: Sequence[str], options: CalibrationOptions) -> list[str]:
+def corpus_passages(texts: Sequence[str], options: CalibrationConfig) -> list[str]:
     """Sentence-packed passages of the corpus texts (round-robin over the texts, as DaruCopy cuts them), shuffled."""
     passages = copy_documents(texts, max_chars=options.passage_max_chars, min_chars=options.passage_min_chars)
     random.Random(options.seed).shuffle(passages)
@@ -462,7 +410,7 @@ def build_calibration_set(
     instruct_model: PreTrainedModel,
     instruct_tokenizer: PreTrainedTokenizerBase,
     corpus_path: str,
-    options: CalibrationOptions,
+    options: CalibrationConfig,
     cache_path: str,
     *,
     progress: ProgressCallback | None = None,
@@ -493,7 +441,8 @@ def build_calibration_set(
             f"{corpus_path}: no passage of at least {options.passage_min_chars} characters for the calibration set"
         )
 
-    answers, generated, cancelled = [], 0, False
+    answers: list[Answer] = []
+    generated, cancelled = 0, False
     if prompts:
         answers, generated, cancelled = cached_answers(
             instruct_model,
@@ -560,7 +509,6 @@ __all__ = [
     "DROP_REASONS",
     "SELF_CALIBRATION_TEMPLATES",
     "Answer",
-    "CalibrationOptions",
     "CalibrationStats",
     "ScriptProfile",
     "answer_problem",

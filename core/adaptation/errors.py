@@ -12,3 +12,7 @@ class AdaptationInputError(ValueError):
     def __init__(self, message: str, code: str = "invalid_input") -> None:
         super().__init__(message)
         self.code = code
+
+
+class StageCancelled(Exception):
+    """The run was asked to stop; the interrupted stage keeps its checkpoint and re-runs from it next time."""

@@ -9,15 +9,18 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from langadapt.core.adaptation.config import InitConfig
+from langadapt.core.adaptation.device import compute_device
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.init import InitContext, get_init
 from langadapt.core.adaptation.mapping import VocabMapping
 from langadapt.core.adaptation.tokens import Vocabulary
+from langadapt.core.adaptation.weights import input_rows, output_rows
 
 
 def check_tokenizer_matches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, what: str = "model") -> None:
     """Refuse a tokenizer with ids the model has no embedding row for."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = input_rows(model).shape[0]
     if len(tokenizer) > rows:
         raise AdaptationInputError(
             f"the tokenizer ({len(tokenizer)} tokens) does not match the {what} ({rows} embedding rows)"
@@ -25,20 +28,21 @@ def check_tokenizer_matches(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
 
 
 def has_tied_head(model: PreTrainedModel) -> bool:
-    head = model.get_output_embeddings()
-    return head is None or head.weight is model.get_input_embeddings().weight
+    head = output_rows(model)
+    return head is None or head is input_rows(model)
 
 
 def new_vocab_rows(
     old_rows: torch.Tensor, mapping: VocabMapping, old: Vocabulary, new: Vocabulary, init: str, seed: int
 ) -> torch.Tensor:
-    """rows: [V_new, d] in old_rows' dtype. Overlapping tokens copy their old row exactly; the others come from
-    the `init` method."""
+    """rows: [V_new, d] in old_rows' dtype and on their device. Overlapping tokens copy their old row exactly; the
+    others come from the `init` method."""
     old_rows = old_rows[: mapping.old_size]
-    result = torch.empty(mapping.new_size, old_rows.shape[1], dtype=torch.float64)
-    new_idx, old_idx = mapping.overlap_index()
+    device = old_rows.device
+    result = torch.empty(mapping.new_size, old_rows.shape[1], dtype=torch.float64, device=device)
+    new_idx, old_idx = (index.to(device) for index in mapping.overlap_index())
     result[new_idx] = old_rows[old_idx].to(torch.float64)
-    fresh = torch.tensor(mapping.new_ids, dtype=torch.long)
+    fresh = torch.tensor(mapping.new_ids, dtype=torch.long, device=device)
     if len(fresh):
         generator = torch.Generator().manual_seed(seed)
         ctx = InitContext(old_rows=old_rows, mapping=mapping, old_vocab=old, new_vocab=new, generator=generator)
@@ -52,9 +56,11 @@ def set_vocab_rows(model: PreTrainedModel, embeddings: torch.Tensor, head: torch
     """Resize the model to len(embeddings) rows and write the rows; `head=None` keeps input and output tied."""
     model.resize_token_embeddings(embeddings.shape[0], mean_resizing=False)
     with torch.no_grad():
-        model.get_input_embeddings().weight.copy_(embeddings)
+        input_rows(model).copy_(embeddings)
         if head is not None:
-            model.get_output_embeddings().weight.copy_(head)
+            head_rows = output_rows(model)
+            assert head_rows is not None
+            head_rows.copy_(head)
     model.config.vocab_size = embeddings.shape[0]
 
 
@@ -83,20 +89,25 @@ def change_vocabulary(
     model: PreTrainedModel,
     old_tokenizer: PreTrainedTokenizerBase,
     new_tokenizer: PreTrainedTokenizerBase,
-    *,
-    init: str = "mean",
-    seed: int = 0,
+    config: InitConfig,
 ) -> VocabMapping:
-    """Switch `model` (in place) from `old_tokenizer`'s vocabulary to `new_tokenizer`'s; returns the mapping."""
+    """Switch `model` (in place) from `old_tokenizer`'s vocabulary to `new_tokenizer`'s; returns the mapping.
+
+    No forward pass is needed, so the model may stay on the CPU; the row arithmetic runs on `compute_device()`.
+    """
     check_tokenizer_matches(model, old_tokenizer)
-    get_init(init)  # an unknown method fails before any work
     old, new = Vocabulary(old_tokenizer), Vocabulary(new_tokenizer)
     mapping = VocabMapping.build(old, new)
     tied = has_tied_head(model)
-    embeddings = new_vocab_rows(model.get_input_embeddings().weight.detach(), mapping, old, new, init, seed)
-    head = None
-    if not tied:
-        head = new_vocab_rows(model.get_output_embeddings().weight.detach(), mapping, old, new, init, seed + 1)
+    device = compute_device()
+
+    def rows(matrix: torch.Tensor | None, seed: int) -> torch.Tensor:
+        assert matrix is not None
+        old_rows = matrix.detach().to(device)
+        return new_vocab_rows(old_rows, mapping, old, new, config.method, seed).to(matrix.device)
+
+    embeddings = rows(input_rows(model), config.seed)
+    head = None if tied else rows(output_rows(model), config.seed + 1)
     set_vocab_rows(model, embeddings, head)
     remap_special_token_ids(model, old_tokenizer, new_tokenizer)
     return mapping

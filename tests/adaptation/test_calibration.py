@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from langadapt.core.adaptation.calibration import (
     COPY_INSTRUCTIONS,
     DROP_REASONS,
     SELF_CALIBRATION_TEMPLATES,
-    CalibrationOptions,
     answer_problem,
     build_calibration_set,
     copy_examples,
@@ -26,6 +26,7 @@ from langadapt.core.adaptation.calibration import (
     script_share,
     self_calibration_prompts,
 )
+from langadapt.core.adaptation.config import CalibrationConfig
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.evaluate.generation import prompt_ids
 from langadapt.core.adaptation.train.sft import IGNORE_INDEX, SFTConfig, encode_chat, lora_layer_indices, run_sft
@@ -78,7 +79,7 @@ def four_layer_model(vocab_size: int, *, tied: bool) -> LlamaForCausalLM:
 
 
 def sft(**overrides: Any) -> SFTConfig:
-    values: dict[str, Any] = dict(lr=1e-2, batch_size=2, grad_accum_steps=1, warmup_ratio=0.0, log_every=1)
+    values: dict[str, Any] = dict(lr=1e-2, batch_size=2, grad_accum=1, warmup_ratio=0.0, log_every=1)
     return SFTConfig(**{**values, **overrides})
 
 
@@ -182,10 +183,10 @@ def test_sft_cancel_and_skipped_examples(tiny_model, tok):
 
 def test_sft_rejects_bad_input(tiny_model, tok):
     model = tiny_model(len(tok))
-    with pytest.raises(AdaptationInputError, match="trainable"):
+    with pytest.raises(ValidationError, match="trainable"):
         SFTConfig(trainable="embeddings")
-    with pytest.raises(AdaptationInputError, match="unknown SFT option"):
-        SFTConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ValidationError, match="learning_rate"):
+        SFTConfig.model_validate({"learning_rate": 1.0})
     with pytest.raises(AdaptationInputError, match="out of range"):
         lora_layer_indices(model, (0, 5))
     assert lora_layer_indices(model, (0, -1)) == [0, 1] and lora_layer_indices(model, None) is None
@@ -205,7 +206,7 @@ def test_sft_rejects_bad_input(tiny_model, tok):
 def test_filters_name_each_reason(ru_texts):
     profile = script_profile(ru_texts[:3])
     assert profile.script == "CYRILLIC" and profile.share > 0.9
-    options = CalibrationOptions()
+    options = CalibrationConfig()
     good = "Это рассказ о том, как молодой человек возвращается в родной город после долгой разлуки."
     assert answer_problem(good, True, profile, options) is None
     assert answer_problem("  \n", True, profile, options) == "empty"
@@ -237,8 +238,9 @@ class CountingGenerate:
         return self.inner(*args, **kwargs)
 
 
-def small_options(**overrides: Any) -> CalibrationOptions:
+def small_options(**overrides: Any) -> CalibrationConfig:
     values: dict[str, Any] = dict(
+        method="self+copy",
         self_calibration_examples=6,
         copy_examples=4,
         max_new_tokens=6,
@@ -247,7 +249,7 @@ def small_options(**overrides: Any) -> CalibrationOptions:
         passage_min_chars=20,
         corpus_chars=60_000,
     )
-    return CalibrationOptions(**{**values, **overrides})
+    return CalibrationConfig(**{**values, **overrides})
 
 
 def test_answers_are_cached_and_reused(tiny_model, tok, ru_corpus, tmp_path):
@@ -369,13 +371,15 @@ def test_prompt_files(tiny_model, tok, ru_corpus, tmp_path):
 
 
 def test_options_validation():
-    with pytest.raises(AdaptationInputError, match="empty"):
-        CalibrationOptions(self_calibration_examples=0, copy_examples=0)
-    with pytest.raises(AdaptationInputError):
-        CalibrationOptions(passage_min_chars=600, passage_max_chars=500)
-    with pytest.raises(AdaptationInputError, match="unknown calibration option"):
-        CalibrationOptions.from_dict({"examples": 3})
-    defaults = CalibrationOptions()
+    with pytest.raises(ValidationError, match="empty"):
+        CalibrationConfig(method="self+copy", self_calibration_examples=0, copy_examples=0)
+    with pytest.raises(ValidationError, match="passage_min_chars"):
+        CalibrationConfig(method="self+copy", passage_min_chars=600, passage_max_chars=500)
+    with pytest.raises(ValidationError, match="no effect"):
+        CalibrationConfig(language="en")  # calibration.method 'none': nothing would read it
+    with pytest.raises(ValidationError, match="examples"):
+        CalibrationConfig.model_validate({"examples": 3})
+    defaults = CalibrationConfig()
     assert (defaults.self_calibration_examples, defaults.copy_examples, defaults.passage_max_chars) == (
         13_500,
         10_000,

@@ -32,11 +32,13 @@ def test_spec_defaults_follow_the_paper() -> None:
     spec = AdaptationSpec.model_validate({**minimal, "vocab": {"new_tokens": 1000}})
     assert spec.vocab.method == "extended" and spec.init.method == "mean"
     assert spec.cpt.trainable == "embeddings+head" and spec.cpt.lr == 1e-4 and spec.cpt.warmup_steps == 100
-    assert spec.cpt.weight_decay == 0.1 and spec.propagation.variants == ["conversion"]
+    assert spec.cpt.weight_decay == 0.1 and spec.propagation is None and spec.variants == []
+    assert spec.evaluation.tasks == ["symbols_per_token", "bits_per_char", "copy_ru"] and spec.evaluation.limit == 50
     both = AdaptationSpec.model_validate(
-        {**minimal, "vocab": {"new_tokens": 5}, "propagation": {"variant": ["swap", "overlap", "swap"]}}
+        {**minimal, "instruct_model": "i", "propagation": {"variant": ["swap", "overlap", "swap"]}}
     )
-    assert both.propagation.variants == ["swap", "overlap"]
+    assert both.variants == ["swap", "overlap"]
+    assert AdaptationSpec.model_validate({**minimal, "instruct_model": "i"}).variants == ["conversion"]
 
 
 @pytest.mark.parametrize(
@@ -48,6 +50,13 @@ def test_spec_defaults_follow_the_paper() -> None:
         ("base_model: b\ncorpus: c\nheldout: h\nvocab: {new_tokens: 5}\nsurprise: 1\n", "surprise"),
         ("corpus: c\nheldout: h\nvocab: {new_tokens: 5}\n", "base_model"),
         ("base_model: [unclosed\n", "not valid YAML"),
+        ("base_model: b\ncorpus: c\nheldout: h\ncpt: {steps: 20, warmup_steps: 100}\n", "cpt.warmup_steps"),
+        ("base_model: b\ncorpus: c\nheldout: h\ncpt: {steps: 0}\n", "cpt.steps"),
+        ("base_model: b\ncorpus: c\nheldout: h\npropagation: {variant: swap}\n", "propagation: .*instruct_model"),
+        ("base_model: b\ncorpus: c\nheldout: h\ncalibration: {method: self+copy}\n", "calibration.method"),
+        ("base_model: b\ncorpus: c\nheldout: h\nevaluation: {tasks: [copy_en]}\n", "evaluation.tasks: .*source"),
+        ("base_model: b\ncorpus: c\nheldout: h\nevaluation: {tasks: [copy_ru, copy_ru]}\n", "twice"),
+        ("base_model: b\ncorpus: c\nheldout: h\nevaluation: {tasks: [micro_avg, bits_per_char]}\n", "micro_avg"),
     ],
 )
 def test_bad_specs_name_the_field(tmp_path, body: str, message: str) -> None:

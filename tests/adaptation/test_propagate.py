@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
+from langadapt.core.adaptation.config import InitConfig, VocabConfig
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.mapping import VocabMapping
 from langadapt.core.adaptation.propagate import projection, propagate_embeddings, propagate_rows
 from langadapt.core.adaptation.surgery import change_vocabulary, set_vocab_rows
-from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.vocab import build_vocab
 
 E_B = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])  # [V_old=4, d=2]
 Q = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
@@ -60,14 +61,14 @@ def test_unknown_variant_and_empty_overlap_are_refused() -> None:
 
 @pytest.fixture(scope="module")
 def new_tokenizer(english_byte_level_tokenizer, ru_corpus):
-    return build_vocab("extended", english_byte_level_tokenizer, ru_corpus, VocabOptions(new_tokens=1500)).tokenizer
+    return build_vocab(english_byte_level_tokenizer, ru_corpus, VocabConfig(new_tokens=1500)).tokenizer
 
 
 def _models(tiny_model, old_tok, new_tok, *, tied: bool, q: torch.Tensor | None):
     """B random; B' = B on the new vocab with "trained" embeddings; I = B with perturbed layers, E_I = E_B Q."""
     base = tiny_model(len(old_tok), tied=tied, seed=1, hidden=16)
     adapted = copy.deepcopy(base)
-    change_vocabulary(adapted, old_tok, new_tok, init="mean")
+    change_vocabulary(adapted, old_tok, new_tok, InitConfig())
     with torch.no_grad():
         adapted.get_input_embeddings().weight.add_(0.1 * torch.randn_like(adapted.get_input_embeddings().weight))
         if not tied:
@@ -150,12 +151,14 @@ def test_instruct_equal_to_base_gives_the_adapted_base(
 
 
 def test_instruct_tokens_missing_from_the_new_vocab_are_carried(tiny_model, english_byte_level_tokenizer, ru_corpus):
-    replacing = build_vocab("bpe", english_byte_level_tokenizer, ru_corpus, VocabOptions(vocab_size=900)).tokenizer
+    replacing = build_vocab(
+        english_byte_level_tokenizer, ru_corpus, VocabConfig(method="bpe", vocab_size=900)
+    ).tokenizer
     instruct_tok = copy.deepcopy(english_byte_level_tokenizer)
     instruct_tok.add_special_tokens({"additional_special_tokens": ["<|tool_call|>"]})
     base = tiny_model(len(instruct_tok), seed=2)
     adapted = copy.deepcopy(base)
-    change_vocabulary(adapted, instruct_tok, replacing)
+    change_vocabulary(adapted, instruct_tok, replacing, InitConfig())
     instruct = copy.deepcopy(base)
     tokenizer, report = propagate_embeddings(
         base=base,
@@ -190,8 +193,9 @@ def test_incompatible_models_are_refused(tiny_model, english_byte_level_tokenize
 def test_lora_delta_learned_on_base_is_merged_into_instruct_with_a_scale(
     tmp_path, tiny_model, english_byte_level_tokenizer, ru_corpus
 ) -> None:
+    from langadapt.core.adaptation.config import CPTConfig
     from langadapt.core.adaptation.propagate import merge_layer_delta
-    from langadapt.core.adaptation.train.cpt import CPTConfig, run_cpt
+    from langadapt.core.adaptation.train.cpt import run_cpt
 
     tok = english_byte_level_tokenizer
     base = tiny_model(len(tok), seed=4)
@@ -200,8 +204,8 @@ def test_lora_delta_learned_on_base_is_merged_into_instruct_with_a_scale(
         trainable="lora+head",
         steps=3,
         seq_len=32,
-        micro_batch_size=2,
-        grad_accum_steps=1,
+        batch_size=2,
+        grad_accum=1,
         warmup_steps=0,
         lr=5e-2,
         lora_r=4,

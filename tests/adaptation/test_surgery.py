@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from langadapt.core.adaptation.config import InitConfig, VocabConfig
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.surgery import change_vocabulary, has_tied_head
 from langadapt.core.adaptation.tokens import Vocabulary
-from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.vocab import build_vocab
 
 
 @pytest.fixture(scope="module")
 def extended(english_byte_level_tokenizer, ru_corpus):
-    return build_vocab("extended", english_byte_level_tokenizer, ru_corpus, VocabOptions(new_tokens=1500)).tokenizer
+    return build_vocab(english_byte_level_tokenizer, ru_corpus, VocabConfig(new_tokens=1500)).tokenizer
 
 
 @pytest.fixture(scope="module")
 def optimized(english_byte_level_tokenizer, ru_corpus):
-    options = VocabOptions(new_tokens=1500, keep_tokens=700, keep_by="first-ids")
-    return build_vocab("optimized", english_byte_level_tokenizer, ru_corpus, options).tokenizer
+    config = VocabConfig(method="optimized", new_tokens=1500, keep_tokens=700, keep_by="first-ids")
+    return build_vocab(english_byte_level_tokenizer, ru_corpus, config).tokenizer
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -31,7 +33,7 @@ def test_mean_init_copies_shared_rows_and_averages_new_ones(
     old_emb = model.get_input_embeddings().weight.detach().clone()
     old_head = model.get_output_embeddings().weight.detach().clone()
     layers_before = {k: v.clone() for k, v in model.model.layers.state_dict().items()}
-    mapping = change_vocabulary(model, old_tok, new_tok, init="mean")
+    mapping = change_vocabulary(model, old_tok, new_tok, InitConfig())
     emb = model.get_input_embeddings().weight.detach()
     head = model.get_output_embeddings().weight.detach()
     assert emb.shape == (len(new_tok), old_emb.shape[1]) and model.config.vocab_size == len(new_tok)
@@ -67,7 +69,7 @@ def test_optimized_renumbering_updates_special_token_ids(tiny_model, english_byt
     model = tiny_model(len(english_byte_level_tokenizer))
     model.config.eos_token_id = english_byte_level_tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.eos_token_id = [model.config.eos_token_id]
-    change_vocabulary(model, english_byte_level_tokenizer, optimized, init="mean")
+    change_vocabulary(model, english_byte_level_tokenizer, optimized, InitConfig())
     assert model.config.eos_token_id == optimized.convert_tokens_to_ids("<|im_end|>")
     assert model.generation_config.eos_token_id == [optimized.convert_tokens_to_ids("<|im_end|>")]
 
@@ -75,13 +77,13 @@ def test_optimized_renumbering_updates_special_token_ids(tiny_model, english_byt
 def test_random_init_follows_the_old_rows_distribution(tiny_model, english_byte_level_tokenizer, extended) -> None:
     model = tiny_model(len(english_byte_level_tokenizer), hidden=16)
     old = model.get_input_embeddings().weight.detach().clone().double()
-    mapping = change_vocabulary(model, english_byte_level_tokenizer, extended, init="random", seed=3)
+    mapping = change_vocabulary(model, english_byte_level_tokenizer, extended, InitConfig(method="random", seed=3))
     fresh = model.get_input_embeddings().weight.detach()[mapping.new_ids].double()
     assert len(fresh) > 1000
     assert torch.allclose(fresh.mean(0), old.mean(0), atol=0.1)
     assert torch.allclose(torch.cov(fresh.T), torch.cov(old.T), atol=0.08)
     again = tiny_model(len(english_byte_level_tokenizer), hidden=16)
-    change_vocabulary(again, english_byte_level_tokenizer, extended, init="random", seed=3)
+    change_vocabulary(again, english_byte_level_tokenizer, extended, InitConfig(method="random", seed=3))
     assert torch.equal(again.get_input_embeddings().weight, model.get_input_embeddings().weight)  # seeded
 
 
@@ -89,7 +91,7 @@ def test_mean_init_of_unknown_special_token_is_the_mean_row(tiny_model, english_
     extended.add_special_tokens({"additional_special_tokens": ["<|brand_new|>"]})
     model = tiny_model(len(english_byte_level_tokenizer))
     old = model.get_input_embeddings().weight.detach().clone()
-    change_vocabulary(model, english_byte_level_tokenizer, extended, init="mean")
+    change_vocabulary(model, english_byte_level_tokenizer, extended, InitConfig())
     row = model.get_input_embeddings().weight[extended.convert_tokens_to_ids("<|brand_new|>")]
     assert torch.allclose(row, old.mean(0), atol=1e-6)
 
@@ -97,8 +99,6 @@ def test_mean_init_of_unknown_special_token_is_the_mean_row(tiny_model, english_
 def test_mismatched_tokenizer_and_unknown_init_are_refused(tiny_model, english_byte_level_tokenizer, extended) -> None:
     small = tiny_model(100)
     with pytest.raises(AdaptationInputError, match="does not match"):
-        change_vocabulary(small, english_byte_level_tokenizer, extended)
-    model = tiny_model(len(english_byte_level_tokenizer))
-    with pytest.raises(AdaptationInputError, match="unknown init"):
-        change_vocabulary(model, english_byte_level_tokenizer, extended, init="focus")
-    assert model.get_input_embeddings().weight.shape[0] == len(english_byte_level_tokenizer)  # untouched
+        change_vocabulary(small, english_byte_level_tokenizer, extended, InitConfig())
+    with pytest.raises(ValidationError, match="method"):
+        InitConfig(method="focus")

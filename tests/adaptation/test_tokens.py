@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
+from langadapt.core.adaptation.config import VocabConfig
 from langadapt.core.adaptation.mapping import VocabMapping
 from langadapt.core.adaptation.tokens import Scheme, TokenKey, Vocabulary
-from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.vocab import build_vocab
 
 
 def test_byte_level_cyrillic_tokens_decode_to_their_text(english_byte_level_tokenizer, ru_corpus) -> None:
-    new = build_vocab("bpe", english_byte_level_tokenizer, ru_corpus, VocabOptions(vocab_size=2000)).tokenizer
+    new = build_vocab(english_byte_level_tokenizer, ru_corpus, VocabConfig(method="bpe", vocab_size=2000)).tokenizer
     vocab = Vocabulary(new)
     assert vocab.scheme is Scheme.BYTE_LEVEL
     token_id = new.encode("привет", add_special_tokens=False)[0]
@@ -22,7 +23,9 @@ def test_byte_level_cyrillic_tokens_decode_to_their_text(english_byte_level_toke
 
 def test_old_tokenisation_uses_the_text_not_the_raw_byte_symbols(english_byte_level_tokenizer, ru_corpus) -> None:
     old = Vocabulary(english_byte_level_tokenizer)
-    new_tokenizer = build_vocab("bpe", english_byte_level_tokenizer, ru_corpus, VocabOptions(vocab_size=2000)).tokenizer
+    new_tokenizer = build_vocab(
+        english_byte_level_tokenizer, ru_corpus, VocabConfig(method="bpe", vocab_size=2000)
+    ).tokenizer
     mapping = VocabMapping.build(old, Vocabulary(new_tokenizer))
     cyrillic = [
         i for i, k in enumerate(Vocabulary(new_tokenizer).keys) if k and len(k.value) >= 4 and k.value[0] >= 0xD0

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 from transformers import PreTrainedTokenizerFast
 
+from langadapt.core.adaptation.config import VocabConfig
 from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.spec import error_field
 from langadapt.core.adaptation.tokens import Vocabulary
-from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.vocab import build_vocab
 from langadapt.core.adaptation.vocab.common import chars_per_token
 from tests.conftest import sample_texts
 
@@ -44,8 +47,9 @@ def llama3_tokenizer() -> PreTrainedTokenizerFast:
 def test_specials_outside_the_model_vocabulary_keep_their_identity(
     method: str, llama3_tokenizer: PreTrainedTokenizerFast, ru_corpus: str
 ) -> None:
-    options = VocabOptions(new_tokens=2000, keep_tokens=20_000, keep_by="first-ids", heldout_chars=HELDOUT)
-    result = build_vocab(method, llama3_tokenizer, ru_corpus, options)
+    pruning = {"keep_tokens": 20_000, "keep_by": "first-ids"} if method == "optimized" else {}
+    config = VocabConfig(method=method, new_tokens=2000, heldout_chars=HELDOUT, **pruning)  # type: ignore[arg-type]
+    result = build_vocab(llama3_tokenizer, ru_corpus, config)
     tokenizer, vocab = result.tokenizer, result.tokenizer.get_vocab()
     assert sorted(vocab.values()) == list(range(len(tokenizer)))  # no id is used twice
     assert result.report.new_tokens > 100
@@ -63,7 +67,8 @@ def test_specials_outside_the_model_vocabulary_keep_their_identity(
 def test_replacing_vocabulary_is_lossless_and_more_efficient_on_russian(
     method: str, source: PreTrainedTokenizerFast, ru_corpus: str
 ) -> None:
-    result = build_vocab(method, source, ru_corpus, VocabOptions(vocab_size=4000, heldout_chars=HELDOUT))
+    config = VocabConfig(method=method, vocab_size=4000, heldout_chars=HELDOUT)  # type: ignore[arg-type]
+    result = build_vocab(source, ru_corpus, config)
     tokenizer, report = result.tokenizer, result.report
     _assert_lossless(tokenizer, source)
     assert report.vocab_size == len(tokenizer) <= 4000
@@ -81,8 +86,8 @@ def test_replacing_vocabulary_is_lossless_and_more_efficient_on_russian(
 def test_extended_keeps_every_source_id_and_appends(
     priority: str, source: PreTrainedTokenizerFast, ru_corpus: str, en_texts: list[str]
 ) -> None:
-    options = VocabOptions(new_tokens=3000, heldout_chars=HELDOUT, priority=priority)  # type: ignore[arg-type]
-    result = build_vocab("extended", source, ru_corpus, options)
+    config = VocabConfig(new_tokens=3000, heldout_chars=HELDOUT, priority=priority)  # type: ignore[arg-type]
+    result = build_vocab(source, ru_corpus, config)
     tokenizer, report = result.tokenizer, result.report
     _assert_lossless(tokenizer, source)
     old_vocab, new_vocab = source.get_vocab(), tokenizer.get_vocab()
@@ -109,10 +114,15 @@ def test_optimized_keeps_specials_and_bytes_and_reports_removed(
     en_path = tmp_path / "en.txt"
     en_path.write_text("\n".join(en_texts), encoding="utf-8")
     keep = 600
-    options = VocabOptions(
-        new_tokens=1500, keep_tokens=keep, keep_by=keep_by, heldout_chars=HELDOUT, source_corpus=str(en_path)
-    )  # type: ignore[arg-type]
-    result = build_vocab("optimized", source, ru_corpus, options)
+    config = VocabConfig(
+        method="optimized",
+        new_tokens=1500,
+        keep_tokens=keep,
+        keep_by=keep_by,  # type: ignore[arg-type]
+        heldout_chars=HELDOUT,
+        source_corpus=str(en_path),
+    )
+    result = build_vocab(source, ru_corpus, config)
     tokenizer, report = result.tokenizer, result.report
     _assert_lossless(tokenizer, source)
     new_vocab = tokenizer.get_vocab()
@@ -134,18 +144,32 @@ def test_optimized_keeps_specials_and_bytes_and_reports_removed(
         assert removed_ids[0] >= keep - 300  # only late (high-id) tokens go
 
 
-def test_bad_options_are_clear_errors(english_byte_level_tokenizer: PreTrainedTokenizerFast, ru_corpus: str) -> None:
-    with pytest.raises(AdaptationInputError, match="unknown vocab method"):
-        build_vocab("wordpiece", english_byte_level_tokenizer, ru_corpus, VocabOptions())
-    with pytest.raises(AdaptationInputError, match="--vocab-size"):
-        build_vocab("bpe", english_byte_level_tokenizer, ru_corpus, VocabOptions())
-    with pytest.raises(AdaptationInputError, match="--new-tokens"):
-        build_vocab("extended", english_byte_level_tokenizer, ru_corpus, VocabOptions())
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"method": "wordpiece"}, "method"),
+        ({"method": "bpe"}, "vocab_size"),
+        ({"method": "optimized"}, "keep_tokens"),
+        ({"method": "bpe", "vocab_size": 900, "new_tokens": 100}, "new_tokens"),
+        ({"method": "bpe", "vocab_size": 900, "priority": "old-first"}, "priority"),
+        ({"method": "extended", "keep_tokens": 100}, "keep_tokens"),
+        ({"method": "extended", "source_corpus": "en.txt"}, "source_corpus"),
+        ({"new_tokens": 0}, "new_tokens"),
+    ],
+)
+def test_settings_that_do_not_fit_the_method_are_refused(settings: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        VocabConfig(**settings)
+    assert error_field(caught.value.errors()[0]) == field
+
+
+def test_unusable_sizes_are_clear_errors(english_byte_level_tokenizer: PreTrainedTokenizerFast, ru_corpus: str) -> None:
     with pytest.raises(AdaptationInputError, match="too small"):
-        build_vocab("bpe", english_byte_level_tokenizer, ru_corpus, VocabOptions(vocab_size=100))
+        build_vocab(english_byte_level_tokenizer, ru_corpus, VocabConfig(method="bpe", vocab_size=100))
 
 
 def test_extended_refuses_a_unigram_source(english_byte_level_tokenizer, ru_corpus: str) -> None:
-    unigram = build_vocab("unigram", english_byte_level_tokenizer, ru_corpus, VocabOptions(vocab_size=1000)).tokenizer
+    config = VocabConfig(method="unigram", vocab_size=1000)
+    unigram = build_vocab(english_byte_level_tokenizer, ru_corpus, config).tokenizer
     with pytest.raises(AdaptationInputError, match="BPE"):
-        build_vocab("extended", unigram, ru_corpus, VocabOptions(new_tokens=1000))
+        build_vocab(unigram, ru_corpus, VocabConfig(new_tokens=1000))

@@ -1,7 +1,8 @@
 """Continued pretraining (CPT) on a target-language corpus: the training stage of language adaptation.
 
 One accelerate loop for the CPU, one GPU and several GPUs (`accelerate launch`, plain DDP), readable top to
-bottom: `CPTConfig` (the paper's defaults), `apply_trainable` (what learns), `run_cpt` (the loop), checkpoints.
+bottom: `run_cpt` (the loop), then checkpoints. Settings: `config.CPTConfig`; what it shares with SFT (trainable
+set, AdamW, schedule, precision): `common.py`.
 
 What learns (`trainable`):
 - `embeddings`: the input embedding matrix only (in a tied model that matrix is the head as well).
@@ -13,7 +14,7 @@ What learns (`trainable`):
 - `full`: every parameter.
 
 Batches are packed blocks of the streamed corpus (`packing.py`); the global batch is
-`micro_batch_size x grad_accum_steps x processes` sequences of `seq_len` tokens. Every `checkpoint_every` steps
+`batch_size x grad_accum x processes` sequences of `seq_len` tokens. Every `checkpoint_every` steps
 (and at the end, and on cancellation) a checkpoint holds the model delta (trainable parameters only), optimizer,
 scheduler, data position, RNG states and step, so `run_cpt(..., resume=True)` continues exactly where it stopped:
 N steps in one go and k steps + resume + N - k steps give the same weights.
@@ -38,17 +39,14 @@ Speed (the loop has to beat the Hugging Face `Trainer`; `bench/cpt_throughput.py
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
-from functools import partial
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -60,100 +58,28 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from langadapt.core.adaptation.config import CPTConfig
 from langadapt.core.adaptation.corpus import require_documents
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.fsutil import atomic_output_dir
+from langadapt.core.adaptation.rundir import TrainingDir
 from langadapt.core.adaptation.sources import save_pretrained
 from langadapt.core.adaptation.surgery import check_tokenizer_matches
+from langadapt.core.adaptation.train.common import (
+    OriginalState,
+    ProgressCallback,
+    adamw,
+    apply_trainable,
+    fp32_masters,
+    lr_schedule,
+    prepare_for_training,
+    release_lora,
+    trainable_parameters,
+)
 from langadapt.core.adaptation.train.packing import DataPosition, PackedBlocks, Prefetcher, eos_token_id, micro_batches
-
-Trainable = Literal["embeddings", "embeddings+head", "lora+head", "full"]
-TRAINABLE: tuple[Trainable, ...] = ("embeddings", "embeddings+head", "lora+head", "full")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-ProgressCallback = Callable[[dict[str, Any]], None]
 
 # Fields that may change between a run and its resumption: they do not change what is computed.
 _RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "compile"}
-
-
-@dataclass(frozen=True)
-class CPTConfig:
-    """Hyper-parameters of a CPT run; the defaults are the LEP paper's (arXiv 2412.21140).
-
-    Give exactly one of `steps` (optimizer steps) and `max_tokens` (a token budget, rounded up to whole steps).
-    `lr` 1e-4 is the paper's rate for Mistral-sized (32 K) vocabularies; it uses 2e-4 for LLaMa-3-sized (128 K)
-    ones. The paper's global batch, 256 sequences of 1024 tokens, is `micro_batch_size x grad_accum_steps` on one
-    GPU; with N GPUs divide `grad_accum_steps` by N to keep it.
-    """
-
-    trainable: str = "embeddings+head"
-    steps: int | None = None
-    max_tokens: int | None = None
-    seq_len: int = 1024
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 32
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.0  # the cosine decays to lr x min_lr_ratio at the last step
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # on matrices only, not on norms and biases
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 1  # the last k checkpoints are kept
-    log_every: int = 10  # progress reports (and the only host syncs of the loss) every N steps
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(self.betas))
-        if self.trainable not in TRAINABLE:
-            raise AdaptationInputError(f"unknown trainable set '{self.trainable}' (choose from {', '.join(TRAINABLE)})")
-        if (self.steps is None) == (self.max_tokens is None):
-            raise AdaptationInputError("give exactly one of steps and max_tokens")
-        for name in ("steps", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise AdaptationInputError(f"{name} must be positive, got {value}")
-        if self.seq_len < 2:
-            raise AdaptationInputError(f"seq_len must be at least 2, got {self.seq_len}")
-        for name in ("micro_batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise AdaptationInputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lora_r < 1 or self.lora_alpha <= 0:
-            raise AdaptationInputError("lora_r and lora_alpha must be positive")
-        if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.eps <= 0:
-            raise AdaptationInputError("lr and eps must be positive, warmup_steps and weight_decay not negative")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise AdaptationInputError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.lora_dropout < 1:
-            raise AdaptationInputError("min_lr_ratio must be in [0, 1] and lora_dropout in [0, 1)")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise AdaptationInputError(f"grad_clip must be positive or None, got {self.grad_clip}")
-
-    def tokens_per_step(self, num_processes: int = 1) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * num_processes * self.seq_len
-
-    def total_steps(self, num_processes: int = 1) -> int:
-        if self.steps is not None:
-            return self.steps
-        assert self.max_tokens is not None
-        return math.ceil(self.max_tokens / self.tokens_per_step(num_processes))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise AdaptationInputError(f"unknown CPT option(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -171,60 +97,6 @@ class CPTResult:
     checkpoint_dir: str | None  # the last checkpoint written
 
 
-# ---- what learns ----
-
-
-def apply_trainable(model: PreTrainedModel, config: CPTConfig) -> nn.Module:
-    """Set `requires_grad` for `config.trainable` (in place); returns the module to train: `model` itself, or for
-    `lora+head` a peft model wrapping it (LoRA layers injected into `model`)."""
-    module: nn.Module = model
-    if config.trainable == "lora+head":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=list(LORA_TARGETS),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        try:
-            module = get_peft_model(model, lora)
-        except ValueError as exc:  # no target module in this architecture
-            raise AdaptationInputError(f"cannot add LoRA adapters to this model: {exc}") from exc
-    else:
-        model.requires_grad_(config.trainable == "full")
-    if config.trainable != "full":
-        model.get_input_embeddings().weight.requires_grad_(True)
-        head = model.get_output_embeddings()
-        if config.trainable != "embeddings" and head is not None:
-            head.weight.requires_grad_(True)
-    return module
-
-
-def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """Name -> parameter of the trainable parameters, each once (a tied matrix under its first name)."""
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}
-
-
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine decay."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _adamw(params: dict[str, nn.Parameter], config: CPTConfig, *, fused: bool) -> torch.optim.AdamW:
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
-    )
-
-
 # ---- the run ----
 
 
@@ -234,26 +106,6 @@ class _TrainState:
     tokens_seen: int = 0
     position: DataPosition = field(default_factory=DataPosition)
     loss: float | None = None
-
-
-@dataclass(frozen=True)
-class _Paths:
-    root: str
-
-    @property
-    def checkpoints(self) -> str:
-        return os.path.join(self.root, "checkpoints")
-
-    @property
-    def model(self) -> str:
-        return os.path.join(self.root, "model")
-
-    @property
-    def adapter(self) -> str:
-        return os.path.join(self.root, "lora")
-
-    def checkpoint(self, step: int) -> str:
-        return os.path.join(self.checkpoints, f"step-{step:08d}")
 
 
 def run_cpt(
@@ -289,32 +141,21 @@ def run_cpt(
     accelerator = _accelerator()
     device = accelerator.device
     cuda = device.type == "cuda"
-    total_steps = config.total_steps(accelerator.num_processes)
+    total_steps = config.steps
     tokens_per_step = config.tokens_per_step(accelerator.num_processes)
-    paths = _Paths(os.path.abspath(out_dir))
+    paths = TrainingDir(os.path.abspath(out_dir))
     checkpoint = _prepare_out_dir(paths, config, resume, accelerator)
 
     # Model, trainable set, optimizer. Seeded first: LoRA's initialisation draws random numbers.
     set_seed(config.seed)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    original = OriginalState.capture(model)
+    original, precision = prepare_for_training(model, device)
     module: nn.Module = model
     try:
-        if not bf16:
-            model.float()  # no autocast: one dtype for every matmul (exact for fp16 / bf16 weights)
-        model.to(device)
-        module = apply_trainable(model, config)
+        module = apply_trainable(model, config.trainable, config)
         params = trainable_parameters(module)
-        for p in params.values():
-            p.data = p.data.float()  # fp32 master weights: bf16 would round small AdamW updates away
-        optimizer = _adamw(params, config, fused=cuda)
-        schedule = partial(
-            lr_factor, warmup_steps=config.warmup_steps, total_steps=total_steps, min_lr_ratio=config.min_lr_ratio
-        )
-        scheduler = LambdaLR(optimizer, schedule)
+        fp32_masters(params)
+        optimizer = adamw(params, config, fused=cuda)
+        scheduler = lr_schedule(optimizer, config, warmup_steps=config.warmup_steps, total_steps=total_steps)
         state = _TrainState()
         if checkpoint is not None:
             state = _load_checkpoint(checkpoint, config, params, optimizer, scheduler, accelerator)
@@ -325,13 +166,12 @@ def run_cpt(
         blocks = PackedBlocks(tokenizer, corpus_path, config.seq_len, start=state.position)
         batches = micro_batches(
             blocks,
-            config.micro_batch_size,
+            config.batch_size,
             num_processes=accelerator.num_processes,
             process_index=accelerator.process_index,
             pin_memory=cuda,
         )
-        autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
-        accum = config.grad_accum_steps
+        accum = config.grad_accum
         loss_sum = torch.zeros((), device=device)
         grad_norm: torch.Tensor | None = None
         steps_since_log = 0
@@ -348,12 +188,12 @@ def run_cpt(
                     input_ids = input_ids.to(device, non_blocking=True)
                     sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(ddp_module)
                     with sync:
-                        with autocast():
+                        with precision.autocast():
                             loss = forward(input_ids=input_ids, labels=input_ids, use_cache=False).loss
                         accelerator.backward(loss / accum)
                     loss_sum += loss.detach()
-                if config.grad_clip is not None:
-                    grad_norm = accelerator.clip_grad_norm_(list(params.values()), config.grad_clip)
+                if config.max_grad_norm is not None:
+                    grad_norm = accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -392,8 +232,7 @@ def run_cpt(
 
         model_dir = adapter_dir = None
         if cancelled:
-            if module is not model:
-                module.unload()  # type: ignore[operator]  # drop the LoRA layers; the base weights are untouched
+            release_lora(module, model, merge=False)
             original.restore(model)
         else:
             model_dir, adapter_dir = _save_final(model, module, tokenizer, paths, original, accelerator)
@@ -415,8 +254,7 @@ def run_cpt(
         return result
     except BaseException:
         # Leave the caller's model as it came (values aside): no LoRA layers, its dtypes, device and flags.
-        if module is not model:
-            module.unload()  # type: ignore[operator]
+        release_lora(module, model, merge=False)
         original.restore(model)
         raise
 
@@ -447,40 +285,11 @@ def _cancel_requested(
     return bool(broadcast(flag).item())
 
 
-@dataclass(frozen=True)
-class OriginalState:
-    """What `run_cpt` changes on the caller's model besides the trained values, to put back at the end."""
-
-    dtypes: dict[str, torch.dtype]
-    requires_grad: dict[str, bool]
-    device: torch.device
-    training: bool
-
-    @classmethod
-    def capture(cls, model: nn.Module) -> OriginalState:
-        named = dict(model.named_parameters())
-        return cls(
-            dtypes={n: p.dtype for n, p in named.items()},
-            requires_grad={n: p.requires_grad for n, p in named.items()},
-            device=next(model.parameters()).device,
-            training=model.training,
-        )
-
-    def restore(self, model: nn.Module) -> None:
-        model.to(self.device)
-        for name, p in model.named_parameters():
-            p.grad = None
-            if name in self.dtypes and p.dtype != self.dtypes[name]:
-                p.data = p.data.to(self.dtypes[name])
-            p.requires_grad_(self.requires_grad.get(name, True))
-        model.train(self.training)
-
-
 def _save_final(
     model: PreTrainedModel,
     module: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    paths: _Paths,
+    paths: TrainingDir,
     original: OriginalState,
     accelerator: Accelerator,
 ) -> tuple[str, str | None]:
@@ -491,7 +300,7 @@ def _save_final(
         if accelerator.is_main_process:
             with atomic_output_dir(adapter_dir, overwrite=True) as tmp:
                 module.save_pretrained(tmp, save_embedding_layers=False)  # type: ignore[operator]
-        module.merge_and_unload()  # type: ignore[operator]  # merges into `model`'s own layers
+        release_lora(module, model, merge=True)  # merges into `model`'s own layers
     original.restore(model)
     if accelerator.is_main_process:
         shutil.rmtree(paths.model, ignore_errors=True)  # a resumed run that had already finished
@@ -502,30 +311,19 @@ def _save_final(
 
 # ---- checkpoints ----
 #
-# out_dir/cpt_config.json                     the config of the run (written when it starts)
-# out_dir/checkpoints/step-00000500/          one per checkpoint, the last `keep_checkpoints` kept
+# The layout of out_dir is `rundir.TrainingDir`. A checkpoint directory holds:
 #     trainable.safetensors                   the model delta: the trainable parameters by name (fp32)
 #     optimizer.pt, scheduler.pt              AdamW and LambdaLR state dicts
 #     rng-<process>.pt                        python / numpy / torch / CUDA RNG states of each process
 #     state.json                              step, tokens, data position, loss, config, parameter names
-# out_dir/model/, out_dir/lora/, out_dir/result.json   at the end
-#
-# A checkpoint is written into `checkpoints/.tmp-step-...` and renamed into place when complete.
-
-_CHECKPOINT = re.compile(r"step-(\d{8})")
-CONFIG_FILE = "cpt_config.json"
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
     """The newest complete checkpoint directory under `out_dir`, or None."""
-    root = _Paths(os.path.abspath(out_dir)).checkpoints
-    if not os.path.isdir(root):
-        return None
-    steps = [int(m.group(1)) for name in os.listdir(root) if (m := _CHECKPOINT.fullmatch(name))]
-    return os.path.join(root, f"step-{max(steps):08d}") if steps else None
+    return TrainingDir(os.path.abspath(out_dir)).latest_checkpoint()
 
 
-def _prepare_out_dir(paths: _Paths, config: CPTConfig, resume: bool, accelerator: Accelerator) -> str | None:
+def _prepare_out_dir(paths: TrainingDir, config: CPTConfig, resume: bool, accelerator: Accelerator) -> str | None:
     """Check `out_dir` against `resume`; returns the checkpoint to resume from, if any."""
     checkpoint = latest_checkpoint(paths.root) if resume else None
     if not resume and os.path.isdir(paths.root) and os.listdir(paths.root):
@@ -533,13 +331,13 @@ def _prepare_out_dir(paths: _Paths, config: CPTConfig, resume: bool, accelerator
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
         os.makedirs(paths.checkpoints, exist_ok=True)
-        _write_json(os.path.join(paths.root, CONFIG_FILE), config.to_dict())
+        _write_json(paths.config, config.model_dump(mode="json"))
     accelerator.wait_for_everyone()
     return checkpoint
 
 
 def _save_checkpoint(
-    paths: _Paths,
+    paths: TrainingDir,
     config: CPTConfig,
     state: _TrainState,
     total_steps: int,
@@ -568,14 +366,13 @@ def _save_checkpoint(
             "position": state.position.to_dict(),
             "loss": state.loss,
             "num_processes": accelerator.num_processes,
-            "config": config.to_dict(),
+            "config": config.model_dump(mode="json"),
             "trainable": list(params),
         }
         _write_json(os.path.join(tmp, "state.json"), meta)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        kept = sorted(int(m.group(1)) for n in os.listdir(paths.checkpoints) if (m := _CHECKPOINT.fullmatch(n)))
-        for step in kept[: -config.keep_checkpoints]:
+        for step in paths.checkpoint_steps()[: -config.keep_checkpoints]:
             shutil.rmtree(paths.checkpoint(step), ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -591,10 +388,10 @@ def _load_checkpoint(
 ) -> _TrainState:
     with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
         meta = json.load(f)
-    saved = CPTConfig.from_dict(meta["config"])
+    saved = CPTConfig.model_validate(meta["config"])
     changed = sorted(
         name
-        for name in config.to_dict()
+        for name in CPTConfig.model_fields
         if name not in _RESUMABLE_CHANGES and getattr(saved, name) != getattr(config, name)
     )
     if changed:
@@ -626,7 +423,7 @@ def _load_checkpoint(
 
 
 def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "python": random.getstate(),
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
@@ -651,15 +448,4 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-__all__ = [
-    "LORA_TARGETS",
-    "TRAINABLE",
-    "CPTConfig",
-    "CPTResult",
-    "ProgressCallback",
-    "apply_trainable",
-    "latest_checkpoint",
-    "lr_factor",
-    "run_cpt",
-    "trainable_parameters",
-]
+__all__ = ["CPTConfig", "CPTResult", "latest_checkpoint", "run_cpt"]

@@ -17,10 +17,10 @@ What learns (`trainable`):
   result is a plain model of the same architecture and state-dict keys, and every other parameter is bit-identical.
 - `full`: every parameter.
 
-The loop: a fixed seed, a seeded shuffle per epoch, right-padded micro-batches, `grad_accum_steps` micro-batches
+The loop: a fixed seed, a seeded shuffle per epoch, right-padded micro-batches, `grad_accum` micro-batches
 per optimizer step, the loss averaged over the assistant tokens of the whole step (not per micro-batch, so short
 and long answers weigh per token whatever the batching), AdamW (decay on matrices only), linear warmup then cosine
-(`cpt.lr_factor`), global-norm clipping. On CUDA: bf16 autocast over fp32 trainable weights, like CPT.
+(`common.lr_factor`), global-norm clipping. On CUDA: bf16 autocast over fp32 trainable weights, like CPT.
 """
 
 from __future__ import annotations
@@ -28,93 +28,34 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate.utils import set_seed
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from langadapt.core.adaptation.config import SFTConfig
+from langadapt.core.adaptation.device import compute_device
 from langadapt.core.adaptation.errors import AdaptationInputError
-from langadapt.core.adaptation.evaluate.generation import has_chat_template, pad_token_id
-from langadapt.core.adaptation.train.cpt import (
-    LORA_TARGETS,
-    OriginalState,  # what training changes on the caller's model besides the values: put back at the end
+from langadapt.core.adaptation.evaluate.generation import chat_ids, has_chat_template, pad_token_id
+from langadapt.core.adaptation.train.common import (
     ProgressCallback,
-    lr_factor,
+    adamw,
+    apply_trainable,
+    fp32_masters,
+    lr_schedule,
+    prepare_for_training,
+    release_lora,
     trainable_parameters,
 )
+from langadapt.core.adaptation.weights import input_rows
 
-SFT_TRAINABLE = ("lora+head", "full")
 IGNORE_INDEX = -100
 
 Message = Mapping[str, str]
 Example = Mapping[str, Sequence[Message]]
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    """Hyper-parameters of an SFT run; the defaults are the LEP paper's self-calibration (§2.4.2).
-
-    `lora_layers` are indices of transformer layers, negative ones counted from the end: `(0, -1)` is the first
-    and the last layer; None puts adapters on every layer. `warmup_ratio` is the share of optimizer steps spent in
-    linear warmup.
-    """
-
-    trainable: str = "lora+head"
-    lora_r: int = 8
-    lora_alpha: float = 1.0
-    lora_dropout: float = 0.0
-    lora_layers: tuple[int, ...] | None = (0, -1)
-    lr: float = 2.5e-5
-    weight_decay: float = 0.1  # on matrices only, not on norms and biases
-    epochs: int = 1
-    batch_size: int = 8  # sequences per micro-batch
-    grad_accum_steps: int = 4  # micro-batches per optimizer step
-    max_len: int = 1024  # tokens per example; longer ones are cut at the end
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0  # the cosine decays to lr x min_lr_ratio at the last step
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping
-    seed: int = 0
-    log_every: int = 10  # progress reports (and host syncs of the loss) every N optimizer steps
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(self.betas))
-        if self.lora_layers is not None:
-            object.__setattr__(self, "lora_layers", tuple(self.lora_layers))
-        if self.trainable not in SFT_TRAINABLE:
-            choices = ", ".join(SFT_TRAINABLE)
-            raise AdaptationInputError(f"unknown SFT trainable set '{self.trainable}' (choose from {choices})")
-        for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "lora_r"):
-            if getattr(self, name) < 1:
-                raise AdaptationInputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_len < 2:
-            raise AdaptationInputError(f"max_len must be at least 2, got {self.max_len}")
-        if self.lora_layers is not None and not self.lora_layers:
-            raise AdaptationInputError("lora_layers must name at least one layer (or be None for all)")
-        if not self.lr > 0 or not self.lora_alpha > 0 or self.eps <= 0 or self.weight_decay < 0:
-            raise AdaptationInputError("lr, lora_alpha and eps must be positive, weight_decay not negative")
-        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.lora_dropout < 1:
-            raise AdaptationInputError("warmup_ratio and lora_dropout must be in [0, 1), min_lr_ratio in [0, 1]")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise AdaptationInputError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise AdaptationInputError(f"grad_clip must be positive or None, got {self.grad_clip}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SFTConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise AdaptationInputError(f"unknown SFT option(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -164,17 +105,6 @@ def _validate(example: Any, index: int) -> list[dict[str, str]]:
     return clean
 
 
-def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        messages,
-        add_generation_prompt=prompt,
-        tokenize=True,
-        return_dict=False,
-        sanitize_control_tokens=True,
-    )
-    return [int(i) for i in ids]
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -195,13 +125,13 @@ def encode_chat(
     if not has_chat_template(tokenizer):
         raise AdaptationInputError("the tokenizer has no chat template: SFT formats examples with it")
     clean = _validate({"messages": messages}, index)
-    full = _template_ids(tokenizer, clean, prompt=False)
+    full = chat_ids(tokenizer, clean, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(full)
     for turn, message in enumerate(clean):
         if message["role"] != "assistant":
             continue
-        start = _common_prefix(_template_ids(tokenizer, clean[:turn], prompt=True), full)
-        end = _common_prefix(_template_ids(tokenizer, clean[: turn + 1], prompt=False), full)
+        start = _common_prefix(chat_ids(tokenizer, clean[:turn], add_generation_prompt=True), full)
+        end = _common_prefix(chat_ids(tokenizer, clean[: turn + 1], add_generation_prompt=False), full)
         labels[start:end] = full[start:end]
     truncated = len(full) > max_len
     return EncodedExample(full[:max_len], labels[:max_len], truncated)
@@ -226,7 +156,7 @@ def _steps(n: int, config: SFTConfig, epoch: int) -> list[list[list[int]]]:
     order = list(range(n))
     random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
     micro = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
-    return [micro[i : i + config.grad_accum_steps] for i in range(0, len(micro), config.grad_accum_steps)]
+    return [micro[i : i + config.grad_accum] for i in range(0, len(micro), config.grad_accum)]
 
 
 # ---- what learns ----
@@ -245,42 +175,6 @@ def lora_layer_indices(model: PreTrainedModel, layers: Sequence[int] | None) -> 
             raise AdaptationInputError(f"lora layer {layer} out of range for a model of {count} layers")
         resolved.add(layer % count)
     return sorted(resolved)
-
-
-def apply_sft_trainable(model: PreTrainedModel, config: SFTConfig) -> nn.Module:
-    """Set `requires_grad` for `config.trainable` (in place); returns the module to train: `model`, or for
-    `lora+head` a peft model wrapping it (LoRA layers injected into `model`'s chosen layers)."""
-    if config.trainable == "full":
-        model.requires_grad_(True)
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(LORA_TARGETS),
-        layers_to_transform=lora_layer_indices(model, config.lora_layers),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    try:
-        module = get_peft_model(model, lora)
-    except ValueError as exc:  # no target module in this architecture or in those layers
-        raise AdaptationInputError(f"cannot add LoRA adapters to this model: {exc}") from exc
-    model.get_input_embeddings().weight.requires_grad_(True)
-    head = model.get_output_embeddings()
-    if head is not None:
-        head.weight.requires_grad_(True)
-    return module
-
-
-def _adamw(params: dict[str, nn.Parameter], config: SFTConfig, *, fused: bool) -> torch.optim.AdamW:
-    matrices = [p for p in params.values() if p.ndim >= 2]
-    vectors = [p for p in params.values() if p.ndim < 2]
-    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    groups = [group for group in groups if group["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None)
 
 
 # ---- the run ----
@@ -318,33 +212,23 @@ def run_sft(
         raise AdaptationInputError(
             f"no SFT example has an assistant token within max_len {config.max_len} ({skipped} skipped)"
         )
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = input_rows(model).shape[0]
     if max(max(item.input_ids) for item in encoded) >= vocab:
         raise AdaptationInputError(f"the tokenizer yields ids beyond the model's {vocab} embeddings")
 
     epochs = [_steps(len(encoded), config, epoch) for epoch in range(config.epochs)]
     total_steps = sum(len(steps) for steps in epochs)
     warmup_steps = round(config.warmup_ratio * total_steps)
-    device = torch.device("cuda") if torch.cuda.is_available() else next(model.parameters()).device
-    cuda = device.type == "cuda"
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    pad = pad_token_id(tokenizer)
-
     set_seed(config.seed)  # LoRA's initialisation draws random numbers
-    original = OriginalState.capture(model)
-    if not bf16:
-        model.float()  # no autocast: one dtype for every matmul
-    model.to(device)
-    module = apply_sft_trainable(model, config)
+    original, precision = prepare_for_training(model, compute_device())
+    layers = lora_layer_indices(model, config.lora_layers) if config.trainable == "lora+head" else None
+    module = apply_trainable(model, config.trainable, config, lora_layers=layers)
     params = trainable_parameters(module)
-    for p in params.values():
-        p.data = p.data.float()  # fp32 master weights: bf16 would round small AdamW updates away
-    optimizer = _adamw(params, config, fused=cuda)
-    scheduler = LambdaLR(
-        optimizer,
-        partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=config.min_lr_ratio),
-    )
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+    fp32_masters(params)
+    optimizer = adamw(params, config, fused=precision.device.type == "cuda")
+    scheduler = lr_schedule(optimizer, config, warmup_steps=warmup_steps, total_steps=total_steps)
+    device = precision.device
+    pad = pad_token_id(tokenizer)
 
     step = tokens = 0
     first_loss = final_loss = None
@@ -357,7 +241,7 @@ def run_sft(
             step_tokens = sum(encoded[i].loss_tokens for batch in micro_batches for i in batch)
             for batch in micro_batches:
                 input_ids, mask, labels = (t.to(device) for t in _collate([encoded[i] for i in batch], pad))
-                with autocast():
+                with precision.autocast():
                     logits = module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
                 nats = nn.functional.cross_entropy(
                     logits[:, :-1].flatten(0, 1).float(),
@@ -368,8 +252,8 @@ def run_sft(
                 (nats / step_tokens).backward()
                 loss_sum += nats.detach()
             grad_norm = None
-            if config.grad_clip is not None:
-                grad_norm = nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
+            if config.max_grad_norm is not None:
+                grad_norm = nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -400,11 +284,7 @@ def run_sft(
         if cancelled:
             break
 
-    if module is not model:
-        if cancelled:
-            module.unload()  # type: ignore[operator]  # drop the LoRA layers, the base weights untouched
-        else:
-            module.merge_and_unload()  # type: ignore[operator]  # merges into `model`'s own layers
+    release_lora(module, model, merge=not cancelled)
     original.restore(model)
     return SFTResult(
         steps=step,
@@ -420,15 +300,4 @@ def run_sft(
     )
 
 
-__all__ = [
-    "IGNORE_INDEX",
-    "SFT_TRAINABLE",
-    "EncodedExample",
-    "Example",
-    "SFTConfig",
-    "SFTResult",
-    "apply_sft_trainable",
-    "encode_chat",
-    "lora_layer_indices",
-    "run_sft",
-]
+__all__ = ["IGNORE_INDEX", "EncodedExample", "Example", "SFTConfig", "SFTResult", "encode_chat", "run_sft"]

@@ -7,38 +7,37 @@ round-trips every text; the source's special tokens and chat template are carrie
 
 from __future__ import annotations
 
+from typing import Literal
+
 from transformers import PreTrainedTokenizerBase
 
-from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.config import VocabConfig
 from langadapt.core.adaptation.tokens import Vocabulary
 from langadapt.core.adaptation.vocab.common import (
-    VocabOptions,
+    TargetText,
     VocabResult,
-    heldout_texts,
     make_report,
     train_tokenizer,
-    training_texts,
     wrap_like,
 )
 
 
-def build(source: PreTrainedTokenizerBase, corpus: str, options: VocabOptions) -> VocabResult:
-    return build_replacement(source, corpus, options, model="bpe")
+def build(source: PreTrainedTokenizerBase, text: TargetText, config: VocabConfig) -> VocabResult:
+    return build_replacement(source, text, config, model="bpe")
 
 
 def build_replacement(
-    source: PreTrainedTokenizerBase, corpus: str, options: VocabOptions, *, model: str
+    source: PreTrainedTokenizerBase, text: TargetText, config: VocabConfig, *, model: Literal["bpe", "unigram"]
 ) -> VocabResult:
     """Shared by `bpe` and `unigram`: train a `model` tokenizer of `vocab_size` that replaces the source's."""
-    if not options.vocab_size:
-        raise AdaptationInputError(f"method '{model}' needs --vocab-size")
+    assert config.vocab_size is not None  # VocabConfig requires it for these methods
     trained = train_tokenizer(
         Vocabulary(source),
-        training_texts(corpus, options),
-        model=model,  # type: ignore[arg-type]
-        vocab_size=options.vocab_size,
-        min_frequency=options.min_frequency,
+        text.training(config),
+        model=model,
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
     )
     tokenizer = wrap_like(trained, source)
-    report = make_report(model, tokenizer, source, heldout_texts(corpus, options))
+    report = make_report(model, tokenizer, source, text.heldout_texts(config))
     return VocabResult(tokenizer=tokenizer, report=report)

@@ -1,4 +1,4 @@
-"""Pieces shared by the vocabulary methods: options, results, training a tokenizer in the source's scheme,
+"""Pieces shared by the vocabulary methods: results, training a tokenizer in the source's scheme,
 editing tokenizer.json, and the chars-per-token ("symbols per token") measure."""
 
 from __future__ import annotations
@@ -6,47 +6,20 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from langadapt.core.adaptation.config import VocabConfig
 from langadapt.core.adaptation.corpus import iter_documents, require_documents
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.tokens import Scheme, Vocabulary
 
-Priority = Literal["new-first", "old-first"]
-KeepBy = Literal["frequency", "first-ids"]
-
 BYTE_PIECES = [f"<0x{b:02X}>" for b in range(256)]
 _TRAIN_BATCH_DOCS = 1000
-
-
-@dataclass(frozen=True)
-class VocabOptions:
-    """Everything a vocabulary method may need; each method reads the fields that concern it.
-
-    vocab_size:   total size of a replacing vocabulary (bpe / unigram).
-    new_tokens:   M, size of the target-language BPE whose missing tokens are added (extended / optimized).
-    keep_tokens:  N, source tokens kept by `optimized` (specials and byte tokens are kept on top).
-    keep_by:      `frequency` (paper: most common on a mixed target + source sample) or `first-ids` (the
-                  authors' code: the N lowest ids).
-    priority:     whether the new merges outrank the old ones (paper: new-first) or not.
-    heldout_chars: the corpus's first characters held out of training and used to measure chars/token.
-    """
-
-    vocab_size: int | None = None
-    new_tokens: int | None = None
-    keep_tokens: int | None = None
-    keep_by: KeepBy = "frequency"
-    priority: Priority = "new-first"
-    train_chars: int | None = None
-    heldout_chars: int = 200_000
-    heldout_path: str | None = None
-    source_corpus: str | None = None
-    min_frequency: int = 2
 
 
 @dataclass
@@ -83,18 +56,39 @@ class VocabResult:
                 json.dump(payload, handle, ensure_ascii=False, indent=2)
 
 
-def training_texts(corpus: str, options: VocabOptions) -> Iterator[str]:
-    """The corpus minus its held-out head (unless a separate held-out file is given), cut at `train_chars`."""
-    docs: Iterable[str] = require_documents(corpus)
-    if options.heldout_path is None:
-        docs = _skip_chars(docs, options.heldout_chars)
-    return take_chars(docs, options.train_chars)
+CharProgress = Callable[[int], None]  # characters of training text read so far
 
 
-def heldout_texts(corpus: str, options: VocabOptions) -> list[str]:
-    if options.heldout_path is not None:
-        return list(iter_documents(options.heldout_path, limit_chars=options.heldout_chars))
-    return list(iter_documents(corpus, limit_chars=options.heldout_chars))
+@dataclass(frozen=True)
+class TargetText:
+    """The target-language text a vocabulary is built from: the training `corpus`, an optional `heldout` file for
+    the chars/token report (without it the corpus's first `heldout_chars` are held out, and not trained on), and
+    who hears how many characters of training text have been read."""
+
+    corpus: str
+    heldout: str | None = None
+    progress: CharProgress | None = None
+
+    def training(self, config: VocabConfig, *, counted: bool = True) -> Iterator[str]:
+        """The corpus minus its held-out head, cut at `train_chars`; reported to `progress` as it is consumed
+        (`counted=False` for a side read, such as a frequency sample)."""
+        docs: Iterable[str] = require_documents(self.corpus)
+        if self.heldout is None:
+            docs = _skip_chars(docs, config.heldout_chars)
+        texts = take_chars(docs, config.train_chars)
+        return texts if self.progress is None or not counted else _counted(texts, self.progress)
+
+    def heldout_texts(self, config: VocabConfig) -> list[str]:
+        """The first `heldout_chars` of the held-out file, or of the corpus when there is none."""
+        return list(iter_documents(self.heldout or self.corpus, limit_chars=config.heldout_chars))
+
+
+def _counted(texts: Iterable[str], progress: CharProgress) -> Iterator[str]:
+    read = 0
+    for text in texts:
+        read += len(text)
+        progress(read)
+        yield text
 
 
 def _skip_chars(docs: Iterable[str], chars: int) -> Iterator[str]:
@@ -185,7 +179,7 @@ def train_tokenizer(
     if model == "bpe":
         tokenizer = Tokenizer(models.BPE(unk_token=unk, byte_fallback=bool(byte_pieces)))
         # A SentencePiece-style vocabulary keeps the 1000 most frequent characters; rarer ones use byte fallback.
-        alphabet_limit = {} if alphabet else {"limit_alphabet": 1000}
+        alphabet_limit: dict[str, Any] = {} if alphabet else {"limit_alphabet": 1000}  # the binding refuses None
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,

@@ -17,49 +17,44 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.config import Priority, VocabConfig
 from langadapt.core.adaptation.tokens import Vocabulary
 from langadapt.core.adaptation.vocab.common import (
-    Priority,
-    VocabOptions,
+    TargetText,
     VocabResult,
     finalize_json,
-    heldout_texts,
     make_report,
     merge_tuples,
     require_bpe,
     train_tokenizer,
-    training_texts,
     wrap_like,
 )
 
 
-def build(source: PreTrainedTokenizerBase, corpus: str, options: VocabOptions) -> VocabResult:
+def build(source: PreTrainedTokenizerBase, text: TargetText, config: VocabConfig) -> VocabResult:
     vocab = Vocabulary(source)
     require_bpe(vocab, "extended")
-    target = train_target_bpe(vocab, corpus, options)
-    combined = extend_bpe(vocab.json, target, options.priority)
+    target = train_target_bpe(vocab, text, config)
+    combined = extend_bpe(vocab.json, target, config.priority)
     tokenizer = wrap_like(combined, source)
     report = make_report(
         "extended",
         tokenizer,
         source,
-        heldout_texts(corpus, options),
-        priority=options.priority,
-        target_bpe_size=options.new_tokens,
+        text.heldout_texts(config),
+        priority=config.priority,
+        target_bpe_size=config.new_tokens,
     )
     return VocabResult(tokenizer=tokenizer, report=report)
 
 
-def train_target_bpe(source: Vocabulary, corpus: str, options: VocabOptions) -> Tokenizer:
-    if not options.new_tokens:
-        raise AdaptationInputError("this method needs --new-tokens (size M of the target-language BPE)")
+def train_target_bpe(source: Vocabulary, text: TargetText, config: VocabConfig) -> Tokenizer:
     return train_tokenizer(
         source,
-        training_texts(corpus, options),
+        text.training(config),
         model="bpe",
-        vocab_size=options.new_tokens,
-        min_frequency=options.min_frequency,
+        vocab_size=config.new_tokens,
+        min_frequency=config.min_frequency,
     )
 
 

@@ -21,20 +21,19 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
+from langadapt.core.adaptation.config import VocabConfig
 from langadapt.core.adaptation.corpus import iter_documents
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.tokens import Scheme, Vocabulary
 from langadapt.core.adaptation.vocab.common import (
     BYTE_PIECES,
-    VocabOptions,
+    TargetText,
     VocabResult,
     finalize_json,
-    heldout_texts,
     make_report,
     merge_tuples,
     require_bpe,
     take_chars,
-    training_texts,
     wrap_like,
 )
 from langadapt.core.adaptation.vocab.extended import extend_bpe, train_target_bpe
@@ -42,39 +41,38 @@ from langadapt.core.adaptation.vocab.extended import extend_bpe, train_target_bp
 FREQUENCY_SAMPLE_CHARS = 2_000_000  # per language
 
 
-def build(source: PreTrainedTokenizerBase, corpus: str, options: VocabOptions) -> VocabResult:
+def build(source: PreTrainedTokenizerBase, text: TargetText, config: VocabConfig) -> VocabResult:
     vocab = Vocabulary(source)
     require_bpe(vocab, "optimized")
-    if not options.keep_tokens:
-        raise AdaptationInputError("method 'optimized' needs --keep-tokens (N source tokens to keep)")
-    if options.keep_by == "frequency":
-        counts = _token_counts(vocab, corpus, options)
+    assert config.keep_tokens is not None  # VocabConfig requires it for this method
+    if config.keep_by == "frequency":
+        counts = _token_counts(vocab, text, config)
         order = sorted(vocab.json["model"]["vocab"].values(), key=lambda i: (-counts[i], i))
     else:
         order = sorted(vocab.json["model"]["vocab"].values())
-    kept = select_kept(vocab, order, options.keep_tokens)
+    kept = select_kept(vocab, order, config.keep_tokens)
     pruned, removed, outside_specials = prune_bpe(vocab, kept)
-    target = train_target_bpe(vocab, corpus, options)
-    combined = _append_specials(extend_bpe(pruned, target, options.priority), outside_specials)
+    target = train_target_bpe(vocab, text, config)
+    combined = _append_specials(extend_bpe(pruned, target, config.priority), outside_specials)
     tokenizer = wrap_like(combined, source)
     report = make_report(
         "optimized",
         tokenizer,
         source,
-        heldout_texts(corpus, options),
-        keep_by=options.keep_by,
+        text.heldout_texts(config),
+        keep_by=config.keep_by,
         kept_source_tokens=len(kept),
-        priority=options.priority,
-        target_bpe_size=options.new_tokens,
-        frequency_sample="target+source" if options.source_corpus else "target only",
+        priority=config.priority,
+        target_bpe_size=config.new_tokens,
+        frequency_sample="target+source" if config.source_corpus else "target only",
     )
     return VocabResult(tokenizer=tokenizer, report=report, removed=removed)
 
 
-def _token_counts(vocab: Vocabulary, corpus: str, options: VocabOptions) -> Counter[int]:
-    texts = list(take_chars(training_texts(corpus, options), FREQUENCY_SAMPLE_CHARS))
-    if options.source_corpus:
-        texts += list(iter_documents(options.source_corpus, limit_chars=FREQUENCY_SAMPLE_CHARS))
+def _token_counts(vocab: Vocabulary, text: TargetText, config: VocabConfig) -> Counter[int]:
+    texts = list(take_chars(text.training(config, counted=False), FREQUENCY_SAMPLE_CHARS))
+    if config.source_corpus:
+        texts += list(iter_documents(config.source_corpus, limit_chars=FREQUENCY_SAMPLE_CHARS))
     counts: Counter[int] = Counter()
     for encoding in vocab.backend.encode_batch(texts, add_special_tokens=False):
         counts.update(encoding.ids)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from langadapt.core.adaptation.config import VocabConfig
 from langadapt.core.adaptation.vocab.bpe import build_replacement
-from langadapt.core.adaptation.vocab.common import VocabOptions, VocabResult
+from langadapt.core.adaptation.vocab.common import TargetText, VocabResult
 
 
-def build(source: PreTrainedTokenizerBase, corpus: str, options: VocabOptions) -> VocabResult:
-    return build_replacement(source, corpus, options, model="unigram")
+def build(source: PreTrainedTokenizerBase, text: TargetText, config: VocabConfig) -> VocabResult:
+    return build_replacement(source, text, config, model="unigram")

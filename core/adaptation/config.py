@@ -1,0 +1,261 @@
+"""One typed configuration per pipeline stage, with one set of defaults (the papers' where they give one).
+
+The same objects are read by the stage code (`build_vocab`, `change_vocabulary`, `run_cpt`, `run_sft`,
+`build_calibration_set`, `evaluate`), by the YAML spec of `langadapt run` and by the job service's
+`POST /v1/jobs` body: a setting has one name, one default and one validation everywhere. Torch-free, so the API
+validates job bodies with them without loading training code.
+
+A setting that contradicts another (warm-up longer than the run, an option the chosen method ignores) raises
+`SpecConflict`, which names the offending field, so the API can answer 422 with `param` pointing at it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from langadapt.core.adaptation.task_names import AVERAGED_TASKS, MICRO_AVG, TaskName
+
+VocabMethod = Literal["bpe", "unigram", "extended", "optimized"]
+Priority = Literal["new-first", "old-first"]
+KeepBy = Literal["frequency", "first-ids"]
+InitMethod = Literal["mean", "random"]
+CPTTrainable = Literal["embeddings", "embeddings+head", "lora+head", "full"]
+SFTTrainable = Literal["lora+head", "full"]
+Variant = Literal["swap", "overlap", "conversion"]
+CalibrationMethod = Literal["none", "self+copy"]
+
+VARIANTS: tuple[Variant, ...] = get_args(Variant)
+CPT_TRAINABLE: tuple[CPTTrainable, ...] = get_args(CPTTrainable)
+DEFAULT_EVAL_TASKS: tuple[TaskName, ...] = ("symbols_per_token", "bits_per_char", "copy_ru")
+
+
+class SpecConflict(ValueError):
+    """A setting that contradicts another one; `field` is its dotted path relative to the model that raised it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def changed_fields(self) -> list[str]:
+        """The fields whose value differs from their default. Judged by value, not by whether the field was given,
+        so a stored request with every default written out validates exactly like the body it came from."""
+        return [
+            name
+            for name, field in type(self).model_fields.items()
+            if getattr(self, name) != field.get_default(call_default_factory=True)
+        ]
+
+
+class VocabConfig(Config):
+    """The target-language vocabulary (LEP §2.1). Which fields apply depends on `method`; setting one the method
+    ignores is an error rather than a silent no-op."""
+
+    method: VocabMethod = "extended"
+    vocab_size: int | None = Field(None, gt=0, description="bpe / unigram: size of the replacing vocabulary")
+    new_tokens: int = Field(
+        16_000,
+        gt=0,
+        description="extended / optimized: size M of the target BPE whose tokens the source lacks are added",
+    )
+    keep_tokens: int | None = Field(None, gt=0, description="optimized: N source tokens kept (specials/bytes on top)")
+    keep_by: KeepBy = Field(
+        "frequency", description="optimized: most frequent tokens, or the first ids (authors' code)"
+    )
+    priority: Priority = Field("new-first", description="extended / optimized: do new merges outrank the old ones")
+    train_chars: int | None = Field(None, gt=0, description="corpus characters to train on (default: all)")
+    heldout_chars: int = Field(
+        200_000,
+        gt=0,
+        description="characters of held-out text for the chars/token report (the corpus's first ones, "
+        "excluded from training, when no held-out text is given)",
+    )
+    min_frequency: int = Field(2, ge=1, description="minimum pair frequency of a BPE merge")
+    source_corpus: str | None = Field(
+        None, description="optimized: source-language text mixed into the frequency sample (path; file id in the API)"
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_the_method(self) -> VocabConfig:
+        replacing = self.method in ("bpe", "unigram")
+        if replacing and self.vocab_size is None:
+            raise SpecConflict("vocab_size", f"vocab.method '{self.method}' needs vocab.vocab_size")
+        if self.method == "optimized" and self.keep_tokens is None:
+            raise SpecConflict("keep_tokens", "vocab.method 'optimized' needs vocab.keep_tokens")
+        ignored = {
+            "vocab_size": not replacing,
+            "new_tokens": replacing,
+            "priority": replacing,
+            "keep_tokens": self.method != "optimized",
+            "keep_by": self.method != "optimized",
+            "source_corpus": self.method != "optimized",
+        }
+        for name in self.changed_fields():
+            if ignored.get(name):
+                raise SpecConflict(name, f"vocab.{name} does not apply to vocab.method '{self.method}'")
+        return self
+
+
+class InitConfig(Config):
+    """How the rows of new tokens start (overlapping tokens always copy their rows)."""
+
+    method: InitMethod = Field("mean", description="mean: the mean of the token's old pieces (the paper); random")
+    seed: int = 0
+
+
+class TrainingConfig(Config):
+    """Optimiser, schedule and LoRA settings shared by CPT and SFT: AdamW (decay on matrices only), linear warm-up
+    then cosine decay to `lr x min_lr_ratio`, global-norm clipping."""
+
+    lr: float = Field(gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="global gradient-norm clip; null: none")
+    seed: int = 0
+    log_every: int = Field(10, ge=1, description="progress reports (and host syncs of the loss) every N steps")
+    lora_r: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        return betas
+
+
+class CPTConfig(TrainingConfig):
+    """Continued pretraining (LEP §2.3). The paper's global batch is 256 sequences of 1024 tokens: `batch_size` x
+    `grad_accum` x processes. lr 1e-4 is its rate for 32 K vocabularies (2e-4 for 128 K ones)."""
+
+    trainable: CPTTrainable = Field(
+        "embeddings+head", description="embeddings | embeddings+head (LEP) | lora+head | full"
+    )
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    seq_len: int = Field(1024, ge=2, description="tokens per packed sequence")
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch (per process)")
+    grad_accum: int = Field(32, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(  # type: ignore[assignment]  # None only until `_default_warmup` fills it in
+        None, ge=0, description="linear warm-up steps (default: 10 % of steps, at most 100)"
+    )
+    checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
+    keep_checkpoints: int = Field(1, ge=1)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)
+    compile: bool = Field(False, description="run the model through torch.compile")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_warmup(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("warmup_steps") is None:
+            steps = data.get("steps", cls.model_fields["steps"].default)
+            if isinstance(steps, int) and not isinstance(steps, bool):
+                data = {**data, "warmup_steps": min(100, steps // 10)}
+        return data
+
+    @model_validator(mode="after")
+    def _warmup_inside_the_run(self) -> CPTConfig:
+        if self.warmup_steps >= self.steps:
+            raise SpecConflict(
+                "warmup_steps",
+                f"cpt.warmup_steps ({self.warmup_steps}) must be below cpt.steps ({self.steps}): "
+                "the learning rate would never leave warm-up",
+            )
+        return self
+
+    def tokens_per_step(self, num_processes: int = 1) -> int:
+        return self.batch_size * self.grad_accum * num_processes * self.seq_len
+
+
+class SFTConfig(TrainingConfig):
+    """Supervised fine-tuning on chat examples; the defaults are LEP's self-calibration (§2.4.2): LoRA r 8 /
+    alpha 1 on the first and last layers (`lora_layers`, negative from the end; null: every layer) plus the
+    embeddings and head, lr 2.5e-5, one epoch."""
+
+    trainable: SFTTrainable = "lora+head"
+    lr: float = Field(2.5e-5, gt=0)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(1.0, gt=0)
+    lora_layers: tuple[int, ...] | None = Field((0, -1), min_length=1)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(4, ge=1, description="micro-batches per optimizer step")
+    max_len: int = Field(1024, ge=2, description="tokens per example; longer ones are cut at the end")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the steps spent in linear warm-up")
+
+
+class PropagationConfig(Config):
+    """LEP (§2.4): the adapted base's embeddings carried into the instruct model."""
+
+    variant: Variant | list[Variant] = "conversion"
+    lora_scale: float = Field(1.0, ge=0, description="scale of the CPT LoRA delta merged into I (lora+head)")
+
+    @property
+    def variants(self) -> list[Variant]:
+        return [self.variant] if isinstance(self.variant, str) else list(dict.fromkeys(self.variant))
+
+
+class CalibrationConfig(Config):
+    """LEP §2.4.2: a short SFT of each I' on self-calibration answers of I plus a copy task (paper: 13.5 K + 10 K).
+
+    `language` picks the instruction templates (ru, en; English for any other; the passages stay in the target
+    language). Fewer corpus passages than both parts ask for shrink both in proportion."""
+
+    method: CalibrationMethod = "none"
+    language: str = Field("ru", min_length=1, description="language of the instructions (ru, en; others: English)")
+    self_calibration_examples: int = Field(13_500, ge=0)
+    copy_examples: int = Field(10_000, ge=0)
+    prompt_file: str | None = Field(None, description="prompts (.txt / .jsonl): a path; a file id in the API")
+    max_new_tokens: int = Field(512, ge=1, description="answer budget of I")
+    batch_size: int = Field(16, ge=1, description="prompts answered per generation batch")
+    passage_max_chars: int = Field(500, ge=1)
+    passage_min_chars: int = Field(50, ge=1)
+    corpus_chars: int | None = Field(20_000_000, ge=1, description="corpus characters read (null: all)")
+    script_sample_chars: int = Field(1_000_000, ge=1, description="characters that measure the dominant script")
+    repeat_ngram_chars: int = Field(20, ge=1)
+    max_repeat_ratio: float = Field(0.5, gt=0, le=1, description="answers with more repeated n-grams are dropped")
+    min_script_ratio: float = Field(0.5, ge=0, le=1, description="answers with less of the corpus's script dropped")
+    seed: int = 0
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CalibrationConfig:
+        if self.method == "none":
+            extra = [name for name in self.changed_fields() if name != "method"]
+            if extra:
+                raise SpecConflict(extra[0], f"calibration.{extra[0]} has no effect with calibration.method 'none'")
+            return self
+        if self.self_calibration_examples + self.copy_examples == 0:
+            raise SpecConflict("copy_examples", "the calibration set would be empty: ask for some examples")
+        if self.passage_min_chars > self.passage_max_chars:
+            raise SpecConflict("passage_min_chars", "calibration.passage_min_chars exceeds passage_max_chars")
+        return self
+
+
+class EvaluationConfig(Config):
+    """Which evaluation tasks run on the original and every adapted model, and on how much data."""
+
+    tasks: list[TaskName] = Field(default=list(DEFAULT_EVAL_TASKS), min_length=1)
+    limit: int | None = Field(50, ge=1, description="items per task (documents, questions); null: all")
+    heldout_chars: int = Field(50_000, ge=1, description="characters of held-out text read for evaluation")
+    batch_size: int = Field(16, ge=1, description="sequences per forward / generation batch")
+    mera_dir: str | None = Field(None, description="folder of MERA .jsonl files (mc_ruworldtree, mera_arith)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, tasks: list[TaskName]) -> list[TaskName]:
+        twice = sorted({task for task in tasks if tasks.count(task) > 1})
+        if twice:
+            raise ValueError(f"task(s) listed twice: {', '.join(twice)}")
+        if MICRO_AVG in tasks and not AVERAGED_TASKS.intersection(tasks):
+            raise ValueError(f"micro_avg averages {', '.join(sorted(AVERAGED_TASKS))}: list at least one of them")
+        return tasks

@@ -1,0 +1,173 @@
+"""What the CPT and SFT loops share: the trainable set (LoRA via peft), fp32 master weights, AdamW, the learning-rate
+schedule, precision and device placement, and putting the caller's model back as it came."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PreTrainedModel
+
+from langadapt.core.adaptation.config import TrainingConfig
+from langadapt.core.adaptation.errors import AdaptationInputError
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def apply_trainable(
+    model: PreTrainedModel, trainable: str, config: TrainingConfig, *, lora_layers: Sequence[int] | None = None
+) -> nn.Module:
+    """Set `requires_grad` for `trainable` (in place); returns the module to train: `model` itself, or for
+    `lora+head` a peft model wrapping it (LoRA layers injected into `model`, on `lora_layers` or every layer).
+
+    `embeddings`: the input embeddings only (in a tied model also the head); `embeddings+head`: both;
+    `lora+head`: LoRA adapters on the attention and MLP projections plus embeddings and head; `full`: everything.
+    """
+    if trainable == "full":
+        model.requires_grad_(True)
+        return model
+    module: nn.Module = model
+    if trainable == "lora+head":
+        module = _add_lora(model, config, lora_layers)
+    else:
+        model.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    head = model.get_output_embeddings()
+    if trainable != "embeddings" and head is not None:
+        head.weight.requires_grad_(True)
+    return module
+
+
+def _add_lora(model: PreTrainedModel, config: TrainingConfig, layers: Sequence[int] | None) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(LORA_TARGETS),
+        layers_to_transform=None if layers is None else list(layers),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # no target module in this architecture (or in those layers)
+        raise AdaptationInputError(f"cannot add LoRA adapters to this model: {exc}") from exc
+
+
+def release_lora(module: nn.Module, model: PreTrainedModel, *, merge: bool) -> None:
+    """Take the LoRA layers out of `model`: merged into its weights, or dropped (the base weights untouched)."""
+    if module is model:
+        return
+    if merge:
+        module.merge_and_unload()  # type: ignore[operator]
+    else:
+        module.unload()  # type: ignore[operator]
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Name -> parameter of the trainable parameters, each once (a tied matrix under its first name)."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def fp32_masters(params: dict[str, nn.Parameter]) -> None:
+    """Hold trained weights in float32 whatever the model's dtype: bf16 would round small AdamW updates away."""
+    for p in params.values():
+        p.data = p.data.float()
+
+
+def adamw(params: dict[str, nn.Parameter], config: TrainingConfig, *, fused: bool) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    matrices = [p for p in params.values() if p.ndim >= 2]
+    vectors = [p for p in params.values() if p.ndim < 2]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
+    )
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine decay."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, config: TrainingConfig, *, warmup_steps: int, total_steps: int
+) -> LambdaLR:
+    factor = partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=config.min_lr_ratio)
+    return LambdaLR(optimizer, factor)
+
+
+@dataclass(frozen=True)
+class OriginalState:
+    """What training changes on the caller's model besides the trained values, to put back at the end."""
+
+    dtypes: dict[str, torch.dtype]
+    requires_grad: dict[str, bool]
+    device: torch.device
+    training: bool
+
+    @classmethod
+    def capture(cls, model: nn.Module) -> OriginalState:
+        named = dict(model.named_parameters())
+        return cls(
+            dtypes={n: p.dtype for n, p in named.items()},
+            requires_grad={n: p.requires_grad for n, p in named.items()},
+            device=next(model.parameters()).device,
+            training=model.training,
+        )
+
+    def restore(self, model: nn.Module) -> None:
+        model.to(self.device)
+        for name, p in model.named_parameters():
+            p.grad = None
+            if name in self.dtypes and p.dtype != self.dtypes[name]:
+                p.data = p.data.to(self.dtypes[name])
+            p.requires_grad_(self.requires_grad.get(name, True))
+        model.train(self.training)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a loop computes on `device`: bf16 autocast over fp32 trained weights on a bf16 GPU, plain fp32 else."""
+
+    device: torch.device
+    bf16: bool
+
+    def autocast(self) -> AbstractContextManager[None]:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def prepare_for_training(model: PreTrainedModel, device: torch.device) -> tuple[OriginalState, Precision]:
+    """Capture the caller's model state, then place the model for training on `device`.
+
+    On CUDA: TF32 matmuls and bf16 autocast; frozen weights keep the dtype they were loaded in (bf16 halves their
+    memory). Elsewhere the model runs in float32 (no autocast: one dtype for every matmul).
+    """
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    precision = Precision(device=device, bf16=cuda and torch.cuda.is_bf16_supported())
+    original = OriginalState.capture(model)
+    try:
+        if not precision.bf16:
+            model.float()
+        model.to(device)  # type: ignore[arg-type]  # transformers wraps `to`; mypy reads the wrapper's signature
+    except BaseException:
+        original.restore(model)
+        raise
+    return original, precision
+
+
+ProgressCallback = Callable[[dict[str, object]], None]
