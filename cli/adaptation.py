@@ -1,4 +1,4 @@
-"""Sub-commands over `core.adaptation`: tokenizer stats, vocab build, embed init, propagate.
+"""Sub-commands over `langadapt.core.adaptation`: run, tokenizer stats, vocab build, embed init, propagate.
 
 Every command writes its output directory atomically and prints one JSON line describing the result.
 """
@@ -9,17 +9,19 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, get_args
 
+from langadapt.core.adaptation.config import VARIANTS, InitConfig, KeepBy, Priority, VocabConfig, VocabMethod
 from langadapt.core.adaptation.corpus import require_documents
+from langadapt.core.adaptation.events import Event, Message, Progress, StageDone, StageSkipped, StageStarted
 from langadapt.core.adaptation.fsutil import atomic_output_dir
 from langadapt.core.adaptation.init import INIT_METHODS
 from langadapt.core.adaptation.pipeline import run_pipeline
-from langadapt.core.adaptation.propagate import VARIANTS, propagate_saved
+from langadapt.core.adaptation.propagate import propagate_saved
 from langadapt.core.adaptation.sources import load_model, load_tokenizer, save_pretrained
 from langadapt.core.adaptation.spec import load_spec
 from langadapt.core.adaptation.surgery import change_vocabulary
-from langadapt.core.adaptation.vocab import METHODS, VocabOptions, build_vocab
+from langadapt.core.adaptation.vocab import build_vocab
 from langadapt.core.adaptation.vocab.common import count_tokens
 
 
@@ -35,20 +37,20 @@ def tokenizer_stats(args: argparse.Namespace) -> None:
 
 
 def vocab_build(args: argparse.Namespace) -> None:
-    options = VocabOptions(
-        vocab_size=args.vocab_size,
-        new_tokens=args.new_tokens,
-        keep_tokens=args.keep_tokens,
-        keep_by=args.keep_by,
-        priority=args.priority,
-        train_chars=args.train_chars,
-        heldout_chars=args.heldout_chars,
-        heldout_path=args.heldout,
-        source_corpus=args.source_corpus,
-    )
+    given = {
+        "vocab_size": args.vocab_size,
+        "new_tokens": args.new_tokens,
+        "keep_tokens": args.keep_tokens,
+        "keep_by": args.keep_by,
+        "priority": args.priority,
+        "train_chars": args.train_chars,
+        "heldout_chars": args.heldout_chars,
+        "source_corpus": args.source_corpus,
+    }
+    config = VocabConfig(method=args.method, **{name: value for name, value in given.items() if value is not None})
     source = load_tokenizer(args.source)
     with atomic_output_dir(args.out) as tmp:
-        result = build_vocab(args.method, source, args.corpus, options)
+        result = build_vocab(source, args.corpus, config, heldout=args.heldout)
         result.save(tmp)
     _emit(result.report.to_dict())
 
@@ -57,7 +59,7 @@ def embed_init(args: argparse.Namespace) -> None:
     model, old_tokenizer = load_model(args.model)
     new_tokenizer = load_tokenizer(args.tokenizer)
     with atomic_output_dir(args.out) as tmp:
-        mapping = change_vocabulary(model, old_tokenizer, new_tokenizer, init=args.init, seed=args.seed)
+        mapping = change_vocabulary(model, old_tokenizer, new_tokenizer, InitConfig(method=args.init, seed=args.seed))
         save_pretrained(model, new_tokenizer, tmp)
     _emit(
         {
@@ -87,16 +89,29 @@ def propagate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     spec = load_spec(args.spec)
 
-    def show(event: dict[str, Any]) -> None:
-        if event["type"] == "metrics":
-            metrics = event["data"]
-            line = f"[{event['stage']}] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f}"
-            print(f"{line} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
-        else:
-            print(f"[{event.get('stage', 'run')}] {event['message']}", file=sys.stderr, flush=True)
-
-    report = run_pipeline(spec, args.out, emit=show)
+    report = run_pipeline(spec, args.out, emit=lambda event: print(describe(event), file=sys.stderr, flush=True))
     _emit(report.to_dict())
+
+
+def describe(event: Event) -> str:
+    """One line of progress for the terminal."""
+    if isinstance(event, StageStarted):
+        return f"[{event.stage}] started"
+    if isinstance(event, StageSkipped):
+        return f"[{event.stage}] complete output found: skipped"
+    if isinstance(event, StageDone):
+        return f"[{event.stage}] done in {event.seconds} s"
+    if isinstance(event, Progress):
+        total = "?" if event.total is None else event.total
+        details = " ".join(f"{k} {_short(v)}" for k, v in event.data.items() if k not in ("step", "total_steps"))
+        eta = "" if event.eta_s is None else f" eta {event.eta_s:.0f} s"
+        return f"[{event.stage}] {event.step}/{total} {event.unit}{eta} {details}".rstrip()
+    assert isinstance(event, Message)
+    return f"[{event.stage or 'run'}] {event.text}"
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -116,17 +131,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     vocab = commands.add_parser("vocab", help="target-language vocabularies")
     vocab_cmds = vocab.add_subparsers(dest="vocab_command", required=True, metavar="COMMAND")
     build = vocab_cmds.add_parser("build", help="build a vocabulary by one of the paper's methods")
-    build.add_argument("--method", required=True, choices=sorted(METHODS))
+    build.add_argument("--method", required=True, choices=get_args(VocabMethod))
     build.add_argument("--source", required=True, help="source tokenizer spec")
     build.add_argument("--corpus", required=True, help="target-language training corpus")
     build.add_argument("--vocab-size", type=int, help="total size of a replacing vocabulary (bpe, unigram)")
     build.add_argument("--new-tokens", type=int, help="M: size of the target BPE to add (extended, optimized)")
     build.add_argument("--keep-tokens", type=int, help="N: source tokens kept by optimized")
-    build.add_argument("--keep-by", choices=["frequency", "first-ids"], default="frequency")
-    build.add_argument("--priority", choices=["new-first", "old-first"], default="new-first")
+    build.add_argument("--keep-by", choices=get_args(KeepBy), help="optimized: which source tokens are kept")
+    build.add_argument("--priority", choices=get_args(Priority), help="do new merges outrank old ones (new-first)")
     build.add_argument("--source-corpus", help="source-language sample for optimized's token frequencies")
     build.add_argument("--heldout", help="held-out corpus for chars/token (default: the corpus's first chars)")
-    build.add_argument("--heldout-chars", type=int, default=200_000)
+    build.add_argument("--heldout-chars", type=int, help="held-out characters for chars/token (200,000)")
     build.add_argument("--train-chars", type=int, default=None, help="train on at most this many characters")
     build.add_argument("--out", required=True)
     build.set_defaults(handler=vocab_build)

@@ -6,8 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from langadapt.cli import adaptation, service
 from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.spec import describe_validation_error
 
 EXIT_USER_ERROR = 2
 
@@ -38,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except AdaptationInputError as exc:
         print(f"langadapt: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValidationError as exc:  # settings given on the command line that a stage configuration refuses
+        print(f"langadapt: error: {describe_validation_error(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 

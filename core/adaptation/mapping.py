@@ -73,11 +73,13 @@ class VocabMapping:
             rows.extend([offset] * len(ids))
             cols.extend(ids)
             vals.extend([1.0 / len(ids)] * len(ids))
+        device = old_rows.device
         used, local_cols = torch.unique(torch.tensor(cols, dtype=torch.long), return_inverse=True)
         indices = torch.stack([torch.tensor(rows, dtype=torch.long), local_cols.reshape(-1)])
         matrix = torch.sparse_coo_tensor(
             indices, torch.tensor(vals, dtype=torch.float64), (len(selected), len(used)), check_invariants=True
-        )
+        ).to(device)
+        used = used.to(device)
         result = torch.sparse.mm(matrix.coalesce(), old_rows[used].detach().to(torch.float64))
         if empty:
             result[empty] = old_rows[: self.old_size].detach().to(torch.float64).mean(dim=0)

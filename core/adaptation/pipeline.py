@@ -5,7 +5,11 @@
 Each stage writes into `<run_dir>/<stage>/` through a temporary directory renamed into place, then a manifest
 (sha256 and size per file). A stage whose directory is complete is skipped, so re-running a spec over the same run
 directory resumes where it stopped; CPT additionally resumes from its last step checkpoint, kept outside its stage
-directory. Without an instruct model the job adapts the base model alone (no propagation).
+directory (`rundir.py` names every path). Without an instruct model the job adapts the base model alone.
+
+Each stage reads its one configuration object from the spec (`config.py`) and reports typed events (`events.py`).
+Models run on `device.compute_device()`: forward-only stages (calibration answers, evaluation) in
+`inference_dtype`, training stages with fp32 master weights.
 """
 
 from __future__ import annotations
@@ -18,39 +22,47 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from langadapt.core.adaptation.calibration import CalibrationOptions, build_calibration_set, save_examples
+from langadapt.core.adaptation.calibration import build_calibration_set, save_examples
+from langadapt.core.adaptation.config import Variant
 from langadapt.core.adaptation.corpus import iter_documents, require_documents
-from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.device import compute_device, inference_dtype
+from langadapt.core.adaptation.errors import AdaptationInputError, StageCancelled
 from langadapt.core.adaptation.evaluate import EvalData, evaluate
+from langadapt.core.adaptation.events import (
+    EventSink,
+    Message,
+    ProgressMeter,
+    StageDone,
+    StageSkipped,
+    StageStarted,
+    ignore,
+)
 from langadapt.core.adaptation.manifest import is_complete, read_manifest, write_manifest
 from langadapt.core.adaptation.propagate import propagate_saved
+from langadapt.core.adaptation.rundir import CPT_WORK, LORA_ADAPTER, STAGE_INFO, stage_dirname
 from langadapt.core.adaptation.sources import load_model, load_tokenizer, resolve, save_pretrained
 from langadapt.core.adaptation.spec import AdaptationSpec
 from langadapt.core.adaptation.surgery import change_vocabulary
-from langadapt.core.adaptation.train.cpt import CPTConfig, run_cpt
-from langadapt.core.adaptation.train.sft import SFTConfig, run_sft
-from langadapt.core.adaptation.vocab import VocabOptions, build_vocab
+from langadapt.core.adaptation.task_names import MERA_TASKS
+from langadapt.core.adaptation.train.cpt import run_cpt
+from langadapt.core.adaptation.train.sft import run_sft
+from langadapt.core.adaptation.vocab import build_vocab
 
-Event = Callable[[dict[str, Any]], None]
-STAGE_INFO = "stage.json"
-LORA_ADAPTER = "lora_adapter"
-CPT_WORK = "cpt.work"  # CPT's step checkpoints, kept outside its stage directory until the stage completes
-
-
-def stage_dirname(stage: str) -> str:
-    """The folder a stage writes to inside the run directory (`propagate:swap` -> `propagate-swap`)."""
-    return stage.replace(":", "-")  # inside the cpt stage: the layers' delta of `lora+head`, merged into I by LEP
+PROGRESS_INTERVAL_S = 2.0  # at most one progress event per loop this often (training reports every log_every)
 
 
 @dataclass
 class RunContext:
     spec: AdaptationSpec
     run_dir: str
-    emit: Event
+    emit: EventSink
     should_cancel: Callable[[], bool] = lambda: False
 
     def path(self, stage: str) -> str:
         return os.path.join(self.run_dir, stage_dirname(stage))
+
+    def meter(self, stage: str, total: int | None, unit: str, interval_s: float = PROGRESS_INTERVAL_S) -> ProgressMeter:
+        return ProgressMeter(self.emit, stage, total, unit, min_interval_s=interval_s)
 
 
 @dataclass(frozen=True)
@@ -69,67 +81,53 @@ class PipelineReport:
         return {"run_dir": self.run_dir, "stages": self.stages, "scores": self.scores}
 
 
+def _steps_to(meter: ProgressMeter) -> Callable[[dict[str, Any]], None]:
+    """A training loop's `{step, total_steps, loss, ...}` reports as progress events."""
+
+    def report(metrics: dict[str, Any]) -> None:
+        meter.total = int(metrics["total_steps"])
+        meter(int(metrics["step"]), **{k: v for k, v in metrics.items() if k not in ("step", "total_steps")})
+
+    return report
+
+
 def _tokenizer_stage(ctx: RunContext, out: str) -> dict[str, Any]:
-    vocab = ctx.spec.vocab
-    options = VocabOptions(
-        vocab_size=vocab.vocab_size,
-        new_tokens=vocab.new_tokens,
-        keep_tokens=vocab.keep_tokens,
-        keep_by=vocab.keep_by,
-        priority=vocab.priority,
-        train_chars=vocab.train_chars,
-        heldout_path=ctx.spec.heldout,
-        source_corpus=vocab.source_corpus,
+    config = ctx.spec.vocab
+    meter = ctx.meter("tokenizer", config.train_chars, "chars")
+    result = build_vocab(
+        load_tokenizer(ctx.spec.base_model), ctx.spec.corpus, config, heldout=ctx.spec.heldout, progress=meter
     )
-    result = build_vocab(vocab.method, load_tokenizer(ctx.spec.base_model), ctx.spec.corpus, options)
     result.save(out)
     return result.report.to_dict()
 
 
 def _init_stage(ctx: RunContext, out: str) -> dict[str, Any]:
+    """No forward pass: the model is read on the CPU, the row arithmetic runs on the compute device."""
+    meter = ctx.meter("init", 3, "phases", interval_s=0)
+    meter(0, phase="load")
     model, tokenizer = load_model(ctx.spec.base_model)
     new_tokenizer = load_tokenizer(ctx.path("tokenizer"))
-    mapping = change_vocabulary(model, tokenizer, new_tokenizer, init=ctx.spec.init.method, seed=ctx.spec.init.seed)
+    meter(1, phase="initialise new rows")
+    mapping = change_vocabulary(model, tokenizer, new_tokenizer, ctx.spec.init)
+    meter(2, phase="save")
     save_pretrained(model, new_tokenizer, out)
+    meter(3, phase="saved")
     return {"copied_tokens": len(mapping.overlap), "initialised_tokens": len(mapping.new_ids)}
-
-
-class StageCancelled(Exception):
-    """The run was asked to stop; the interrupted stage keeps its checkpoint and re-runs from it next time."""
-
-
-def cpt_config(spec: AdaptationSpec) -> CPTConfig:
-    cpt = spec.cpt
-    return CPTConfig(
-        trainable=cpt.trainable,
-        steps=cpt.steps,
-        seq_len=cpt.seq_len,
-        micro_batch_size=cpt.batch_size,
-        grad_accum_steps=cpt.grad_accum,
-        lr=cpt.lr,
-        warmup_steps=cpt.warmup_steps,
-        weight_decay=cpt.weight_decay,
-        grad_clip=cpt.max_grad_norm,
-        checkpoint_every=cpt.checkpoint_every,
-        seed=cpt.seed,
-    )
 
 
 def _cpt_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     """Continued pretraining of the initialised model; its step checkpoints live in `cpt.work/` across runs."""
     model, tokenizer = load_model(ctx.path("init"))
-    if ctx.spec.cpt.steps == 0:
-        save_pretrained(model, tokenizer, out)
-        return {"steps": 0}
     work = ctx.path(CPT_WORK)
+    meter = ctx.meter("cpt", ctx.spec.cpt.steps, "steps", interval_s=0)  # the loop reports every log_every steps
     result = run_cpt(
         model,
         tokenizer,
         ctx.spec.corpus,
-        cpt_config(ctx.spec),
+        ctx.spec.cpt,
         work,
         resume=True,
-        progress=lambda metrics: ctx.emit({"type": "metrics", "stage": "cpt", "data": metrics}),
+        progress=_steps_to(meter),
         should_cancel=ctx.should_cancel,
     )
     if result.cancelled:
@@ -149,7 +147,7 @@ def _cpt_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     }
 
 
-def _propagate_stage(variant: str) -> Callable[[RunContext, str], dict[str, Any]]:
+def _propagate_stage(variant: Variant) -> Callable[[RunContext, str], dict[str, Any]]:
     def run(ctx: RunContext, out: str) -> dict[str, Any]:
         assert ctx.spec.instruct_model is not None
         adapter = os.path.join(ctx.path("cpt"), LORA_ADAPTER)
@@ -157,10 +155,10 @@ def _propagate_stage(variant: str) -> Callable[[RunContext, str], dict[str, Any]
             base=ctx.spec.base_model,
             adapted_base=ctx.path("cpt"),
             instruct=ctx.spec.instruct_model,
-            variant=variant,  # type: ignore[arg-type]
+            variant=variant,
             out_dir=out,
             lora_adapter=adapter if os.path.isdir(adapter) else None,
-            lora_scale=ctx.spec.propagation.lora_scale,
+            lora_scale=ctx.spec.propagation.lora_scale if ctx.spec.propagation else 1.0,
         )
 
     return run
@@ -172,22 +170,21 @@ CALIBRATION_EXAMPLES = "examples.jsonl"
 def _calibration_data_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     """Self-calibration answers of the original instruct model (cached across runs) plus copy examples."""
     assert ctx.spec.instruct_model is not None
-    calibration = ctx.spec.calibration
-    options = CalibrationOptions(
-        language=calibration.language,
-        self_calibration_examples=calibration.self_calibration_examples,
-        copy_examples=calibration.copy_examples,
-        prompt_file=calibration.prompt_file,
-        max_new_tokens=calibration.max_new_tokens,
-    )
-    instruct, instruct_tokenizer = load_model(ctx.spec.instruct_model)
+    device = compute_device()
+    instruct, instruct_tokenizer = load_model(ctx.spec.instruct_model, device=device, dtype=inference_dtype(device))
+    meter = ctx.meter("calibration-data", None, "answers")
+
+    def answered(data: dict[str, Any]) -> None:
+        meter.total = int(data["total"])
+        meter(int(data["done"]))
+
     examples, stats = build_calibration_set(
         instruct,
         instruct_tokenizer,
         ctx.spec.corpus,
-        options,
+        ctx.spec.calibration,
         ctx.path("calibration.cache.jsonl"),
-        progress=lambda data: ctx.emit({"type": "metrics", "stage": "calibration-data", "data": data}),
+        progress=answered,
         should_cancel=ctx.should_cancel,
     )
     if stats.cancelled:
@@ -198,27 +195,21 @@ def _calibration_data_stage(ctx: RunContext, out: str) -> dict[str, Any]:
 
 def _calibrate_stage(variant: str) -> Callable[[RunContext, str], dict[str, Any]]:
     def run(ctx: RunContext, out: str) -> dict[str, Any]:
-        calibration = ctx.spec.calibration
+        stage = f"calibrate:{variant}"
         with open(os.path.join(ctx.path("calibration-data"), CALIBRATION_EXAMPLES), encoding="utf-8") as handle:
             examples = [json.loads(line) for line in handle]
         model, tokenizer = load_model(ctx.path(f"propagate:{variant}"))
-        config = SFTConfig(
-            lr=calibration.lr,
-            epochs=calibration.epochs,
-            batch_size=calibration.batch_size,
-            grad_accum_steps=calibration.grad_accum,
-            max_len=calibration.max_len,
-        )
+        meter = ctx.meter(stage, None, "steps", interval_s=0)
         result = run_sft(
             model,
             tokenizer,
             examples,
-            config,
-            progress=lambda data: ctx.emit({"type": "metrics", "stage": f"calibrate:{variant}", "data": data}),
+            ctx.spec.calibration.sft,
+            progress=_steps_to(meter),
             should_cancel=ctx.should_cancel,
         )
         if result.cancelled:
-            raise StageCancelled(f"calibrate:{variant} cancelled at step {result.steps}")
+            raise StageCancelled(f"{stage} cancelled at step {result.steps}")
         save_pretrained(model, tokenizer, out)
         return asdict(result)
 
@@ -238,21 +229,52 @@ def models_to_evaluate(ctx: RunContext) -> dict[str, str]:
     if spec.instruct_model is None:
         return {"original": spec.base_model, "adapted": ctx.path("cpt")}
     models = {"original": spec.instruct_model}
-    models.update({f"propagated:{v}": ctx.path(f"propagate:{v}") for v in spec.propagation.variants})
+    models.update({f"propagated:{v}": ctx.path(f"propagate:{v}") for v in spec.variants})
     if spec.calibration.method != "none":
-        models.update({f"calibrated:{v}": ctx.path(f"calibrate:{v}") for v in spec.propagation.variants})
+        models.update({f"calibrated:{v}": ctx.path(f"calibrate:{v}") for v in spec.variants})
     return models
+
+
+class _EvaluationProgress:
+    """(task, done, total) reports of one model's evaluation as progress events; a task that starts a new part
+    (source after target texts) starts a new ETA."""
+
+    def __init__(self, ctx: RunContext, model: str) -> None:
+        self.ctx, self.model = ctx, model
+        self._meter: ProgressMeter | None = None
+        self._part: tuple[str, int] | None = None
+        self._done = 0
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        if self._meter is None or self._part != (task, total) or done < self._done:
+            self._meter = self.ctx.meter("evaluate", total, "items")
+            self._part = (task, total)
+            self._meter(0, model=self.model, task=task)
+        self._done = done
+        self._meter(done, model=self.model, task=task)
 
 
 def _evaluate_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     data = _eval_data(ctx)
-    evaluation = ctx.spec.evaluation
+    config = ctx.spec.evaluation
+    device = compute_device()
     rows: list[dict[str, Any]] = []
     for label, model_spec in models_to_evaluate(ctx).items():
-        model, tokenizer = load_model(model_spec)
-        scores = evaluate(model, tokenizer, evaluation.tasks, data, limit=evaluation.limit)
+        model, tokenizer = load_model(model_spec, device=device, dtype=inference_dtype(device))
+        started = time.perf_counter()
+        scores = evaluate(
+            model,
+            tokenizer,
+            config.tasks,
+            data,
+            limit=config.limit,
+            batch_size=config.batch_size,
+            progress=_EvaluationProgress(ctx, label),
+        )
         rows.extend({"model": label, **row.to_dict()} for row in scores)
-        ctx.emit({"type": "message", "message": f"evaluated {label}", "data": {"rows": len(scores)}})
+        seconds = round(time.perf_counter() - started, 2)
+        ctx.emit(Message("evaluate", f"evaluated {label}", data={"rows": len(scores), "seconds": seconds}))
+        del model
     with open(os.path.join(out, "scores.json"), "w", encoding="utf-8") as handle:
         json.dump(rows, handle, ensure_ascii=False, indent=2)
     return {"rows": len(rows)}
@@ -260,16 +282,12 @@ def _evaluate_stage(ctx: RunContext, out: str) -> dict[str, Any]:
 
 def stages(spec: AdaptationSpec) -> list[Stage]:
     graph = [Stage("tokenizer", _tokenizer_stage), Stage("init", _init_stage), Stage("cpt", _cpt_stage)]
-    if spec.instruct_model is not None:
-        graph += [Stage(f"propagate:{v}", _propagate_stage(v)) for v in spec.propagation.variants]
-        if spec.calibration.method != "none":
-            graph.append(Stage("calibration-data", _calibration_data_stage))
-            graph += [Stage(f"calibrate:{v}", _calibrate_stage(v)) for v in spec.propagation.variants]
+    graph += [Stage(f"propagate:{v}", _propagate_stage(v)) for v in spec.variants]
+    if spec.calibration.method != "none":
+        graph.append(Stage("calibration-data", _calibration_data_stage))
+        graph += [Stage(f"calibrate:{v}", _calibrate_stage(v)) for v in spec.variants]
     graph.append(Stage("evaluate", _evaluate_stage))
     return graph
-
-
-MERA_TASKS = {"mc_ruworldtree", "mera_arith"}
 
 
 def _check_inputs(spec: AdaptationSpec) -> None:
@@ -282,6 +300,9 @@ def _check_inputs(spec: AdaptationSpec) -> None:
     for extra in (spec.source_heldout, spec.vocab.source_corpus):
         if extra is not None:
             next(require_documents(extra))
+    prompts = spec.calibration.prompt_file
+    if prompts is not None and not os.path.isfile(prompts):
+        raise AdaptationInputError(f"calibration.prompt_file not found: {prompts}")
     needs_mera = MERA_TASKS.intersection(spec.evaluation.tasks)
     if needs_mera and not (spec.evaluation.mera_dir and os.path.isdir(spec.evaluation.mera_dir)):
         raise AdaptationInputError(f"tasks {', '.join(sorted(needs_mera))} need evaluation.mera_dir (a folder)")
@@ -313,15 +334,15 @@ def run_pipeline(
     spec: AdaptationSpec,
     run_dir: str,
     *,
-    emit: Event = lambda event: None,
+    emit: EventSink = ignore,
     should_cancel: Callable[[], bool] = lambda: False,
     on_stage_complete: Callable[[str, str], None] = lambda stage, path: None,
 ) -> PipelineReport:
     """Run every stage not already complete in `run_dir`, in order.
 
-    `emit` gets progress events, `should_cancel` is polled by the training loops and between stages (a cancel
-    raises `StageCancelled`), and `on_stage_complete(stage, path)` is called for every complete stage, skipped or
-    new, e.g. to upload its outputs.
+    `emit` gets typed events (`events.py`), `should_cancel` is polled by the training loops and between stages
+    (a cancel raises `StageCancelled`), and `on_stage_complete(stage, path)` is called for every complete stage,
+    skipped or new, e.g. to upload its outputs.
     """
     _check_inputs(spec)
     os.makedirs(run_dir, exist_ok=True)
@@ -334,14 +355,14 @@ def run_pipeline(
         if is_complete(path):
             with open(os.path.join(path, STAGE_INFO), encoding="utf-8") as handle:
                 info = {**json.load(handle), "skipped": True}
-            emit({"type": "stage", "stage": stage.name, "message": "complete output found: skipped"})
+            emit(StageSkipped(stage.name))
         else:
-            emit({"type": "stage", "stage": stage.name, "message": "started"})
+            emit(StageStarted(stage.name))
             try:
                 info = run_stage(ctx, stage)
             except AdaptationInputError as exc:
                 raise AdaptationInputError(f"stage '{stage.name}' failed: {exc}", exc.code) from exc
-            emit({"type": "stage", "stage": stage.name, "message": f"done in {info['seconds']} s"})
+            emit(StageDone(stage.name, info["seconds"], info))
         on_stage_complete(stage.name, path)
         report.stages.append(info)
     if read_manifest(ctx.path("evaluate")) is not None:

@@ -17,8 +17,9 @@ where P maps the base model's embedding space into the instruct model's:
                 initialisation does (A averages the old rows of each new token's old tokenisation, special tokens
                 matched by name; see `VocabMapping`), then P = argmin ||Ê_B · P - Ê_I||².
 
-Least squares are solved in float64 (normal equations accumulated in row blocks, then `torch.linalg.lstsq`) and
-cast back. With I = B every variant gives
+Least squares are solved in float64 (normal equations accumulated in row blocks on `compute_device()`, then the
+d x d system by `torch.linalg.lstsq` on the CPU, whose SVD driver also handles a rank-deficient system) and cast
+back. With I = B every variant gives
 P = identity, so I' = B'; with E_I = E_B · Q for an invertible Q, `overlap` and `conversion` recover Q.
 
 Special and added tokens of I's tokenizer (chat-template tokens such as `<|im_start|>`) are carried into the output
@@ -35,22 +36,20 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file
 from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from langadapt.core.adaptation.config import VARIANTS, Variant
+from langadapt.core.adaptation.device import compute_device
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.mapping import VocabMapping
 from langadapt.core.adaptation.sources import load_model, save_pretrained
 from langadapt.core.adaptation.surgery import check_tokenizer_matches, has_tied_head, set_vocab_rows
 from langadapt.core.adaptation.tokens import Vocabulary
-
-Variant = Literal["swap", "overlap", "conversion"]
-VARIANTS: tuple[Variant, ...] = ("swap", "overlap", "conversion")
-
+from langadapt.core.adaptation.weights import input_rows, output_rows
 
 CHUNK_ROWS = 8192  # rows per float64 block: memory stays O(chunk x d + d x d) at any vocabulary size
 
@@ -69,7 +68,7 @@ def solve_projection(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torc
         cross = x64.T @ y64 if cross is None else cross.addmm_(x64.T, y64)
     if gram is None or cross is None:
         raise AdaptationInputError("no rows to fit the projection on")
-    return torch.linalg.lstsq(gram, cross, driver="gelsd").solution
+    return torch.linalg.lstsq(gram.cpu(), cross.cpu(), driver="gelsd").solution.to(gram.device)
 
 
 def _blocks(total: int) -> Iterator[tuple[int, int]]:
@@ -83,9 +82,9 @@ def projection(
     """The d x d float64 projection of `variant` from base rows E_B to instruct rows E_I (both [V_old, d])."""
     d = base_rows.shape[1]
     if variant == "swap":
-        return torch.eye(d, dtype=torch.float64)
+        return torch.eye(d, dtype=torch.float64, device=base_rows.device)
     if variant == "overlap":
-        _, old_ids = mapping.overlap_index()
+        old_ids = mapping.overlap_index()[1].to(base_rows.device)
         if len(old_ids) == 0:
             raise AdaptationInputError("variant 'overlap' needs tokens shared by the old and new vocabularies; none")
         return solve_projection(
@@ -117,7 +116,7 @@ def propagate_rows(
     vocab = mapping.old_size
     compute = torch.float64 if adapted.dtype == torch.float64 else torch.float32
     p = projection(variant, base_rows[:vocab], instruct_rows[:vocab], mapping).to(compute)
-    out = torch.empty(mapping.new_size, adapted.shape[1], dtype=instruct_rows.dtype)
+    out = torch.empty(mapping.new_size, adapted.shape[1], dtype=instruct_rows.dtype, device=adapted.device)
     for a, b in _blocks(mapping.new_size):
         out[a:b] = (adapted[a:b].to(compute) @ p).to(instruct_rows.dtype)
     return out
@@ -178,7 +177,8 @@ def propagate_embeddings(
 ) -> tuple[PreTrainedTokenizerFast, PropagationReport]:
     """Give `instruct` (in place) the new vocabulary's embeddings and head by LEP `variant`.
 
-    The transformer layers of `instruct` are not touched. Returns I''s tokenizer and a report.
+    The transformer layers of `instruct` are not touched. Returns I''s tokenizer and a report. Only embedding
+    matrices are read, so the models may stay on the CPU; the arithmetic runs on `compute_device()`.
     """
     if variant not in VARIANTS:
         raise AdaptationInputError(f"unknown LEP variant '{variant}' (choose from {', '.join(VARIANTS)})")
@@ -189,9 +189,14 @@ def propagate_embeddings(
     mapping = VocabMapping.build(Vocabulary(base_tokenizer), Vocabulary(adapted_tokenizer))
     tokenizer, carried = output_tokenizer(adapted_tokenizer, instruct_tokenizer)
 
+    device = compute_device()
+
     def matrices(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
-        embeddings = model.get_input_embeddings().weight.detach()
-        return embeddings, (embeddings if has_tied_head(model) else model.get_output_embeddings().weight.detach())
+        embeddings = input_rows(model).detach().to(device)
+        head = output_rows(model)
+        if head is None or has_tied_head(model):
+            return embeddings, embeddings
+        return embeddings, head.detach().to(device)
 
     (e_b, h_b), (e_a, h_a), (e_i, h_i) = matrices(base), matrices(adapted), matrices(instruct)
     tied = has_tied_head(instruct)
@@ -228,8 +233,9 @@ def _with_carried_rows(
         pad = embeddings.new_zeros(size - embeddings.shape[0], embeddings.shape[1])
         embeddings = torch.cat([embeddings, pad])
         head = None if head is None else torch.cat([head, pad])
-    new_ids = torch.tensor(tokenizer.convert_tokens_to_ids(carried), dtype=torch.long)
-    old_ids = torch.tensor(instruct_tokenizer.convert_tokens_to_ids(carried), dtype=torch.long)
+    device = embeddings.device
+    new_ids = torch.tensor(tokenizer.convert_tokens_to_ids(carried), dtype=torch.long, device=device)
+    old_ids = torch.tensor(instruct_tokenizer.convert_tokens_to_ids(carried), dtype=torch.long, device=device)
     embeddings[new_ids] = instruct_embeddings[old_ids]
     if head is not None:
         head[new_ids] = instruct_head[old_ids]

@@ -29,6 +29,7 @@ from transformers.convert_slow_tokenizer import TikTokenConverter, generate_merg
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.fsutil import atomic_output_dir
 from langadapt.core.adaptation.shortcuts import SHORTCUTS, available_shortcuts
+from langadapt.core.adaptation.weights import input_rows
 
 T = TypeVar("T")
 
@@ -76,15 +77,21 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerFast:
     return _auto_tokenizer(spec, *_pretrained_source(path, kind))
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load a causal LM and its tokenizer from a shortcut, HF dir or .gguf file; GGUF weights come de-quantized."""
+def load_model(
+    spec: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a causal LM and its tokenizer from a shortcut, HF dir or .gguf file; GGUF weights come de-quantized.
+
+    The model is placed on `device` in `dtype`; stages that run it pass `device.compute_device()` (and
+    `device.inference_dtype` when they only run it forward)."""
     path = resolve(spec)
     kind = _sniff(path)
     if kind in _TOKENIZER_KINDS:
         raise AdaptationInputError(f"{spec} is a tokenizer, not a model")
     directory, extra = _pretrained_source(path, kind)
-    model = _load(spec, AutoModelForCausalLM.from_pretrained, directory, dtype=dtype, **extra)
-    return _plain_model(model), _auto_tokenizer(spec, directory, extra)
+    model = _plain_model(_load(spec, AutoModelForCausalLM.from_pretrained, directory, dtype=dtype, **extra))
+    model.to(device)  # type: ignore[arg-type]  # transformers wraps `to`; mypy reads the wrapper's signature
+    return model, _auto_tokenizer(spec, directory, extra)
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: str) -> None:
@@ -93,7 +100,7 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, 
     The directory is written atomically; an existing non-empty `out_dir` is an `AdaptationInputError`.
     """
     model = _plain_model(model)
-    model.config.get_text_config().vocab_size = model.get_input_embeddings().weight.shape[0]
+    model.config.get_text_config().vocab_size = input_rows(model).shape[0]
     with atomic_output_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -159,7 +166,7 @@ def _reason(exc: Exception) -> str:
 
 def _auto_tokenizer(spec: str, directory: str, extra: dict[str, str]) -> PreTrainedTokenizerFast:
     tokenizer = _load(spec, AutoTokenizer.from_pretrained, directory, **extra)
-    if not tokenizer.is_fast:
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise AdaptationInputError(f"{spec}: {type(tokenizer).__name__} is not a tokenizers-backed tokenizer")
     return tokenizer
 
@@ -205,7 +212,9 @@ def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
 class _TikTokenFileConverter(TikTokenConverter):
     """`TikTokenConverter` reading and validating the ranks with `_read_tiktoken_ranks`."""
 
-    load_tiktoken_bpe = staticmethod(_read_tiktoken_ranks)
+    @staticmethod
+    def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+        return _read_tiktoken_ranks(tiktoken_url)
 
 
 def _tiktoken_tokenizer(path: str, special_tokens: list[str]) -> PreTrainedTokenizerFast:
@@ -251,7 +260,9 @@ def _sentencepiece_tokenizer(path: str) -> PreTrainedTokenizerFast:
     spec = proto.trainer_spec
     backend = Tokenizer(_spm_model(proto))
     norm = proto.normalizer_spec
-    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+    steps: list[normalizers.Normalizer] = []
+    if norm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
     if norm.remove_extra_whitespaces:
         steps += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
     if steps:

@@ -7,12 +7,16 @@ import os
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from langadapt.cli.main import main
+from langadapt.core.adaptation import pipeline
+from langadapt.core.adaptation.errors import StageCancelled
+from langadapt.core.adaptation.events import Event, Progress, StageDone, StageSkipped, StageStarted
 from langadapt.core.adaptation.manifest import is_complete
-from langadapt.core.adaptation.pipeline import StageCancelled, run_pipeline
-from langadapt.core.adaptation.sources import save_pretrained
+from langadapt.core.adaptation.pipeline import run_pipeline
+from langadapt.core.adaptation.sources import load_model, save_pretrained
 from langadapt.core.adaptation.spec import AdaptationSpec
 from tests.conftest import shared_file
 
@@ -30,14 +34,14 @@ def models(tmp_path_factory, tiny_model, english_byte_level_tokenizer) -> dict[s
 
 
 def _spec(models: dict[str, str], ru_corpus: str, *, instruct: bool = True, **overrides) -> AdaptationSpec:
+    lep = {"instruct_model": models["instruct"], "propagation": {"variant": ["swap", "overlap", "conversion"]}}
     body = {
         "base_model": models["base"],
-        "instruct_model": models["instruct"] if instruct else None,
+        **(lep if instruct else {}),
         "corpus": ru_corpus,
         "heldout": str(shared_file("ru/taiga_devtest.jsonl")),
         "vocab": {"method": "extended", "new_tokens": 1200, "train_chars": 150_000},
-        "cpt": {"steps": 6, "seq_len": 64, "batch_size": 2, "warmup_steps": 2, "checkpoint_every": 3, "lr": 1e-3},
-        "propagation": {"variant": ["swap", "overlap", "conversion"]},
+        "cpt": {"steps": 6, "seq_len": 64, "batch_size": 2, "grad_accum": 1, "warmup_steps": 2, "checkpoint_every": 3},
         "evaluation": {
             "tasks": TASKS,
             "limit": 3,
@@ -51,7 +55,7 @@ def _spec(models: dict[str, str], ru_corpus: str, *, instruct: bool = True, **ov
 
 def test_full_job_runs_every_stage_and_resumes_without_rework(tmp_path, models, ru_corpus) -> None:
     spec = _spec(models, ru_corpus)
-    events: list[dict] = []
+    events: list[Event] = []
     report = run_pipeline(spec, str(tmp_path / "run"), emit=events.append)
     names = [s["stage"] for s in report.stages]
     assert names == [
@@ -67,7 +71,19 @@ def test_full_job_runs_every_stage_and_resumes_without_rework(tmp_path, models, 
     assert all(is_complete(str(tmp_path / "run" / n.replace(":", "-")), verify_hashes=True) for n in names)
     cpt = report.stages[2]
     assert cpt["steps"] == 6 and cpt["tokens_seen"] == 6 * 2 * 64
-    assert any(e["type"] == "metrics" and e["data"]["total_steps"] == 6 for e in events)
+    # typed events: every stage starts and ends; CPT and evaluation report progress with a total and an ETA
+    assert [e.stage for e in events if isinstance(e, StageStarted)] == names
+    assert [e.stage for e in events if isinstance(e, StageDone)] == names
+    cpt_progress = [e for e in events if isinstance(e, Progress) and e.stage == "cpt"]
+    assert cpt_progress[-1].step == cpt_progress[-1].total == 6 and cpt_progress[-1].unit == "steps"
+    assert "loss" in cpt_progress[-1].data and cpt_progress[-1].eta_s == 0
+    evaluated = [e for e in events if isinstance(e, Progress) and e.stage == "evaluate"]
+    for model in ("original", "propagated:conversion"):
+        for task in ("bits_per_char", "copy_ru", "mc_ruworldtree", "mera_arith"):
+            reports = [e for e in evaluated if e.data == {"model": model, "task": task}]
+            assert reports[0].step == 0 and reports[-1].step == reports[-1].total > 0, (model, task)
+    assert any(isinstance(e, Progress) and e.stage == "tokenizer" and e.step > 100_000 for e in events)
+    assert [e.data["phase"] for e in events if isinstance(e, Progress) and e.stage == "init"][0] == "load"
     models_scored = {row["model"] for row in report.scores}
     assert models_scored == {"original", "propagated:swap", "propagated:overlap", "propagated:conversion"}
     for label in models_scored:
@@ -77,8 +93,10 @@ def test_full_job_runs_every_stage_and_resumes_without_rework(tmp_path, models, 
     spt = {r["model"]: r["value"] for r in report.scores if r["task"] == "symbols_per_token"}
     assert spt["propagated:conversion"] > 1.3 * spt["original"]  # the new vocabulary is denser on Russian
 
-    again = run_pipeline(spec, str(tmp_path / "run"))
+    skipped: list[Event] = []
+    again = run_pipeline(spec, str(tmp_path / "run"), emit=skipped.append)
     assert all(s["skipped"] for s in again.stages) and again.scores == report.scores
+    assert skipped == [StageSkipped(name) for name in names]
 
     shutil.rmtree(tmp_path / "run" / "evaluate")
     os.remove(tmp_path / "run" / "propagate-overlap" / "model.safetensors")  # damaged output is redone
@@ -114,7 +132,7 @@ def test_cli_run_prints_the_report(tmp_path, models, ru_corpus, capsys) -> None:
     captured = capsys.readouterr()
     report = json.loads(captured.out.strip().splitlines()[-1])
     assert [s["stage"] for s in report["stages"]] == ["tokenizer", "init", "cpt", "evaluate"]
-    assert "[cpt] step 6/6" in captured.err
+    assert "[cpt] 6/6 steps eta 0 s loss" in captured.err and "[evaluate] done in" in captured.err
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**spec.model_dump(mode="json"), "evaluation": {"tasks": ["mc_ruworldtree"]}}))
@@ -130,7 +148,7 @@ def test_lora_cpt_delta_reaches_the_instruct_model(tmp_path, models, ru_corpus) 
     spec = _spec(
         models,
         ru_corpus,
-        cpt={"trainable": "lora+head", "steps": 2, "seq_len": 32, "batch_size": 2, "warmup_steps": 0},
+        cpt={"trainable": "lora+head", "steps": 2, "seq_len": 32, "batch_size": 2, "grad_accum": 1, "warmup_steps": 0},
         propagation={"variant": "swap", "lora_scale": 0.5},
         evaluation={"tasks": ["symbols_per_token"], "heldout_chars": 2000},
     )
@@ -144,7 +162,7 @@ def test_calibration_stages_follow_propagation(tmp_path, models, ru_corpus) -> N
     spec = _spec(
         models,
         ru_corpus,
-        cpt={"steps": 2, "seq_len": 32, "batch_size": 2, "warmup_steps": 0},
+        cpt={"steps": 2, "seq_len": 32, "batch_size": 2, "grad_accum": 1, "warmup_steps": 0},
         propagation={"variant": ["swap", "conversion"]},
         calibration={
             "method": "self+copy",
@@ -152,9 +170,7 @@ def test_calibration_stages_follow_propagation(tmp_path, models, ru_corpus) -> N
             "copy_examples": 3,
             "max_new_tokens": 8,
             "batch_size": 4,
-            "grad_accum": 1,
-            "max_len": 160,
-            "lr": 1e-3,
+            "sft": {"batch_size": 4, "grad_accum": 1, "max_len": 160, "lr": 1e-3},
         },
         evaluation={"tasks": ["bits_per_char"], "heldout_chars": 2000},
     )
@@ -187,3 +203,40 @@ def test_stage_hook_and_cancel_between_stages(tmp_path, models, ru_corpus) -> No
         on_stage_complete=lambda stage, path: completed.append((stage, is_complete(path))),
     )
     assert completed == [("tokenizer", True), ("init", True), ("cpt", True), ("evaluate", True)]
+
+
+def test_forward_only_stages_load_their_models_on_the_compute_device(monkeypatch, tmp_path, models, ru_corpus):
+    """The evaluate and calibration-data stages place each model where `compute_device()` says, in
+    `inference_dtype`; `cpu:0` stands in for a GPU (a device distinct from the default `cpu`)."""
+    target = torch.device("cpu", 0)
+    placed: list[tuple[str, torch.device, torch.dtype]] = []
+
+    def spy(spec: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        placed.append((spec, torch.device(device), dtype))
+        return load_model(spec, dtype=dtype, device=device)
+
+    monkeypatch.setattr(pipeline, "compute_device", lambda: target)
+    monkeypatch.setattr(pipeline, "load_model", spy)
+    spec = _spec(
+        models,
+        ru_corpus,
+        cpt={"steps": 1, "seq_len": 32, "batch_size": 1, "grad_accum": 1},
+        propagation={"variant": "swap"},
+        calibration={
+            "method": "self+copy",
+            "self_calibration_examples": 2,
+            "copy_examples": 1,
+            "max_new_tokens": 4,
+            "passage_max_chars": 60,
+            "passage_min_chars": 20,
+            "sft": {"batch_size": 2, "grad_accum": 1, "max_len": 160},
+        },
+        evaluation={"tasks": ["bits_per_char"], "limit": 1, "heldout_chars": 500},
+    )
+    pipeline.run_pipeline(spec, str(tmp_path / "run"))
+    forward_only = [(spec, device) for spec, device, _ in placed if device == target]
+    loaded = [spec for spec, _, _ in placed]
+    assert models["instruct"] in loaded  # calibration answers and the original model's evaluation
+    evaluated = {str(tmp_path / "run" / name) for name in ("propagate-swap", "calibrate-swap")} | {models["instruct"]}
+    assert evaluated <= {spec for spec, _ in forward_only}
+    assert all(dtype == torch.float32 for _, _, dtype in placed)  # the CPU's inference dtype

@@ -17,7 +17,8 @@ wherever it appears in the list.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -29,7 +30,7 @@ from langadapt.core.adaptation.evaluate.mc_ruworldtree import mc_ruworldtree
 from langadapt.core.adaptation.evaluate.mera_arith import mera_arith
 from langadapt.core.adaptation.evaluate.micro_avg import MICRO_AVG_METRICS, micro_avg
 from langadapt.core.adaptation.evaluate.symbols_per_token import symbols_per_token
-from langadapt.core.adaptation.task_names import MICRO_AVG, MODEL_TASKS, TASK_NAMES
+from langadapt.core.adaptation.task_names import AVERAGED_TASKS, MICRO_AVG, MODEL_TASKS, TASK_NAMES
 
 TASKS: dict[str, TaskFn] = {
     "symbols_per_token": symbols_per_token,
@@ -39,7 +40,10 @@ TASKS: dict[str, TaskFn] = {
     "mc_ruworldtree": mc_ruworldtree,
     "mera_arith": mera_arith,
 }
-assert tuple(TASKS) == MODEL_TASKS, "core.adaptation.task_names is out of date"
+assert tuple(TASKS) == MODEL_TASKS, "task_names.TaskName is out of date"
+assert {task for task, _ in MICRO_AVG_METRICS} == AVERAGED_TASKS, "task_names.AVERAGED_TASKS is out of date"
+
+TaskProgress = Callable[[str, int, int], None]  # (task, items done, items in this part of the task)
 
 
 def evaluate(
@@ -50,13 +54,15 @@ def evaluate(
     *,
     limit: int | None = None,
     batch_size: int = 8,
+    progress: TaskProgress | None = None,
 ) -> list[ScoreRow]:
     """Run `tasks` (each once, in the given order; `micro_avg` last) and return their rows.
 
     `limit` caps the items (documents, questions) of each dataset; the first items are taken, so reruns score the
     same ones. The model is put in eval mode; everything runs under `torch.inference_mode` and is deterministic
     (greedy decoding, no sampling). Unknown task names, an empty task list, `micro_avg` without a task it averages
-    or a bad `limit` / `batch_size` raise `AdaptationInputError` before anything runs.
+    or a bad `limit` / `batch_size` raise `AdaptationInputError` before anything runs. `progress` hears
+    (task, done, total) after every batch; a task with several parts (target and source texts) restarts its count.
     """
     unknown = [name for name in tasks if name not in TASK_NAMES]
     if unknown:
@@ -65,9 +71,10 @@ def evaluate(
         )
     if not tasks:
         raise AdaptationInputError(f"no evaluation task given (choose from {', '.join(TASK_NAMES)})")
-    averaged = {task for task, _ in MICRO_AVG_METRICS}
-    if MICRO_AVG in tasks and not averaged.intersection(tasks):
-        raise AdaptationInputError(f"micro_avg averages the rows of {', '.join(sorted(averaged))}: run one of them too")
+    if MICRO_AVG in tasks and not AVERAGED_TASKS.intersection(tasks):
+        raise AdaptationInputError(
+            f"micro_avg averages the rows of {', '.join(sorted(AVERAGED_TASKS))}: run one of them too"
+        )
     if limit is not None and limit < 1:
         raise AdaptationInputError(f"limit must be at least 1, got {limit}")
     if batch_size < 1:
@@ -75,8 +82,10 @@ def evaluate(
     model.eval()
     rows: list[ScoreRow] = []
     for name in dict.fromkeys(tasks):
-        if name != MICRO_AVG:
-            rows.extend(TASKS[name](model, tokenizer, data, limit=limit, batch_size=batch_size))
+        if name == MICRO_AVG:
+            continue
+        task_progress = None if progress is None else partial(progress, name)
+        rows.extend(TASKS[name](model, tokenizer, data, limit=limit, batch_size=batch_size, progress=task_progress))
     if MICRO_AVG in tasks:
         rows.append(micro_avg(rows))
     return rows

@@ -18,6 +18,8 @@ from langadapt.core.adaptation.errors import AdaptationInputError
 
 T = TypeVar("T")
 
+ItemProgress = Callable[[int, int], None]  # (items done, items in this part of the task), after every batch
+
 
 @dataclass(frozen=True)
 class ScoreRow:
@@ -62,8 +64,10 @@ class TaskFn(Protocol):
         *,
         limit: int | None = None,
         batch_size: int = 8,
+        progress: ItemProgress | None = None,
     ) -> list[ScoreRow]:
-        """Score rows for this task; `limit` caps the items (documents, questions) per dataset."""
+        """Score rows for this task; `limit` caps the items (documents, questions) per dataset; `progress` hears
+        (done, total) after every batch."""
         ...
 
 

@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from langadapt.core.adaptation.errors import AdaptationInputError
-from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, per_language_rows
+from langadapt.core.adaptation.evaluate.base import EvalData, ItemProgress, ScoreRow, per_language_rows
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ def bits_per_char(
     *,
     window: int = 512,
     batch_size: int = 8,
+    progress: ItemProgress | None = None,
 ) -> BitsPerChar:
     chars = sum(len(text) for text in texts)
     if chars == 0:
@@ -68,6 +69,8 @@ def bits_per_char(
         targets = input_ids[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         total_nats += float((nll * mask[:, 1:]).sum())
+        if progress is not None:
+            progress(min(first + batch_size, len(chunks)), len(chunks))
     return BitsPerChar(bits_per_char=total_nats / math.log(2) / chars, chars=chars, tokens=tokens)
 
 
@@ -78,9 +81,10 @@ def bits_per_char_rows(
     *,
     limit: int | None = None,
     batch_size: int = 8,
+    progress: ItemProgress | None = None,
 ) -> list[ScoreRow]:
     def measure(texts: list[str]) -> tuple[float, int]:
-        result = bits_per_char(model, tokenizer, texts, batch_size=batch_size)
+        result = bits_per_char(model, tokenizer, texts, batch_size=batch_size, progress=progress)
         return result.bits_per_char, result.chars
 
     return per_language_rows("bits_per_char", data, limit, measure)

@@ -23,11 +23,12 @@ import re
 from collections.abc import Sequence
 from difflib import SequenceMatcher
 from itertools import zip_longest
+from typing import Literal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from langadapt.core.adaptation.errors import AdaptationInputError
-from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, require_texts, take
+from langadapt.core.adaptation.evaluate.base import EvalData, ItemProgress, ScoreRow, TaskFn, require_texts, take
 from langadapt.core.adaptation.evaluate.generation import greedy_generate, prompt_ids
 
 MAX_CHARS = 300
@@ -106,54 +107,32 @@ def copy_prompt(tokenizer: PreTrainedTokenizerBase, document: str, language: str
     )
 
 
-def _copy_task(
-    task: str,
-    language: str,
-    texts: Sequence[str],
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    limit: int | None,
-    batch_size: int,
-    max_chars: int,
-) -> list[ScoreRow]:
-    which = "target" if language == "ru" else "source"
-    documents = take(copy_documents(require_texts(texts, task, which), max_chars=max_chars), limit)
-    if not documents:
-        raise AdaptationInputError(
-            f"task '{task}': no document of at least {MIN_CHARS} characters in the {which} texts"
-        )
-    prompts = [copy_prompt(tokenizer, document, language) for document in documents]
-    budgets = [math.ceil(1.25 * len(tokenizer.encode(d, add_special_tokens=False))) + 8 for d in documents]
-    outputs = greedy_generate(model, tokenizer, prompts, budgets, batch_size=batch_size)
-    return copy_scores(task, outputs, documents)
+def _copy_task(task: str, language: str, which: Literal["target", "source"]) -> TaskFn:
+    """The copy task over the held-out `which` texts, instructed in `language`."""
+
+    def run(
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        data: EvalData,
+        *,
+        limit: int | None = None,
+        batch_size: int = 8,
+        progress: ItemProgress | None = None,
+    ) -> list[ScoreRow]:
+        texts = data.target_texts if which == "target" else data.source_texts
+        documents = take(copy_documents(require_texts(texts, task, which)), limit)
+        if not documents:
+            raise AdaptationInputError(
+                f"task '{task}': no document of at least {MIN_CHARS} characters in the {which} texts"
+            )
+        prompts = [copy_prompt(tokenizer, document, language) for document in documents]
+        budgets = [math.ceil(1.25 * len(tokenizer.encode(d, add_special_tokens=False))) + 8 for d in documents]
+        outputs = greedy_generate(model, tokenizer, prompts, budgets, batch_size=batch_size, progress=progress)
+        return copy_scores(task, outputs, documents)
+
+    run.__name__ = run.__qualname__ = task
+    return run
 
 
-def copy_ru(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: EvalData,
-    *,
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_chars: int = MAX_CHARS,
-) -> list[ScoreRow]:
-    """Copy documents of the held-out target texts, instructed in Russian."""
-    return _copy_task(
-        "copy_ru", "ru", data.target_texts, model, tokenizer, limit=limit, batch_size=batch_size, max_chars=max_chars
-    )
-
-
-def copy_en(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: EvalData,
-    *,
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_chars: int = MAX_CHARS,
-) -> list[ScoreRow]:
-    """Copy documents of the held-out source texts, instructed in English."""
-    return _copy_task(
-        "copy_en", "en", data.source_texts, model, tokenizer, limit=limit, batch_size=batch_size, max_chars=max_chars
-    )
+copy_ru = _copy_task("copy_ru", "ru", "target")  # held-out target texts, instructed in Russian
+copy_en = _copy_task("copy_en", "en", "source")  # held-out source texts, instructed in English

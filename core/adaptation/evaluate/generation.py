@@ -9,11 +9,14 @@ each output is cut to its own token budget and at its first stop token, so the t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+
+from langadapt.core.adaptation.evaluate.base import ItemProgress
 
 # End-of-turn markers of common chat formats (ChatML, LLaMa-3, Gemma, Phi): generation stops at any that exists.
 END_OF_TURN_PIECES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<|end_of_text|>")
@@ -36,15 +39,23 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_message: str, plain_prom
     tokenizer's usual special tokens (a BOS where it adds one).
     """
     if has_chat_template(tokenizer):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-            sanitize_control_tokens=True,
-        )
-        return [int(i) for i in ids]
+        return chat_ids(tokenizer, [{"role": "user", "content": user_message}], add_generation_prompt=True)
     return list(tokenizer.encode(plain_prompt, add_special_tokens=True))
+
+
+def chat_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool
+) -> list[int]:
+    """Token ids of a conversation in the tokenizer's chat template; control-token look-alikes inside messages are
+    encoded as text (`sanitize_control_tokens`), as at inference."""
+    ids = tokenizer.apply_chat_template(
+        [dict(message) for message in messages],
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=False,
+        sanitize_control_tokens=True,
+    )
+    return [int(i) for i in cast(list[int], ids)]
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -79,6 +90,7 @@ def greedy_generations(
     max_new_tokens: Sequence[int],
     *,
     batch_size: int = 8,
+    progress: ItemProgress | None = None,
 ) -> list[Generation]:
     """The greedy continuation of each prompt, at most `max_new_tokens[i]` tokens long, and whether it ended."""
     if len(prompts) != len(max_new_tokens):
@@ -97,7 +109,7 @@ def greedy_generations(
             ids = prompts[index]
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             mask[row, width - len(ids) :] = 1
-        generated = model.generate(
+        generated = cast(GenerationMixin, model).generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max(max_new_tokens[i] for i in batch),
@@ -115,7 +127,9 @@ def greedy_generations(
                 if token in stops:
                     new, finished = new[:position], True
                     break
-            outputs[index] = Generation(tokenizer.decode(new, skip_special_tokens=True), finished)
+            outputs[index] = Generation(str(tokenizer.decode(new, skip_special_tokens=True)), finished)
+        if progress is not None:
+            progress(min(first + batch_size, len(order)), len(order))
     return outputs
 
 
@@ -126,6 +140,10 @@ def greedy_generate(
     max_new_tokens: Sequence[int],
     *,
     batch_size: int = 8,
+    progress: ItemProgress | None = None,
 ) -> list[str]:
     """The greedy continuation of each prompt (special tokens dropped), at most `max_new_tokens[i]` tokens long."""
-    return [g.text for g in greedy_generations(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)]
+    generations = greedy_generations(
+        model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, progress=progress
+    )
+    return [g.text for g in generations]

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from langadapt.core.adaptation.errors import AdaptationInputError
-from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, load_mera
+from langadapt.core.adaptation.evaluate.base import EvalData, ItemProgress, ScoreRow, load_mera
 from langadapt.core.adaptation.evaluate.generation import model_device, pad_token_id
 
 DATASET = "ruWorldTree"
@@ -55,6 +55,7 @@ def continuation_logprobs(
     pairs: Sequence[tuple[str, str]],
     *,
     batch_size: int = 8,
+    progress: ItemProgress | None = None,
 ) -> list[float]:
     """For each (context, continuation): the sum of log p(continuation token | everything before it), in nats.
 
@@ -81,6 +82,8 @@ def continuation_logprobs(
             logprobs = logits[row, start - 1 : end - 1].float().log_softmax(-1)
             targets = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
             scores[index] = float(logprobs.gather(-1, targets[:, None]).sum())
+        if progress is not None:
+            progress(min(first + batch_size, len(order)), len(order))
     return scores
 
 
@@ -107,10 +110,11 @@ def mc_ruworldtree(
     *,
     limit: int | None = None,
     batch_size: int = 8,
+    progress: ItemProgress | None = None,
 ) -> list[ScoreRow]:
     items = [_parse_item(item, i) for i, item in enumerate(load_mera(data.mera_dir, DATASET, limit))]
     pairs = [(question_prompt(question), f" {option}") for question, options, _ in items for option in options]
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
     correct = correct_norm = 0
     for number, (_, options, label) in enumerate(items):
         sums = scores[number * len(LETTERS) : (number + 1) * len(LETTERS)]

@@ -17,7 +17,7 @@ from decimal import Decimal
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from langadapt.core.adaptation.errors import AdaptationInputError
-from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, load_mera
+from langadapt.core.adaptation.evaluate.base import EvalData, ItemProgress, ScoreRow, load_mera
 from langadapt.core.adaptation.evaluate.generation import greedy_generate, prompt_ids
 
 DATASETS = {"simplear": "SimpleAr", "rumultiar": "ruMultiAr"}
@@ -68,18 +68,24 @@ def mera_arith(
     *,
     limit: int | None = None,
     batch_size: int = 8,
+    progress: ItemProgress | None = None,
 ) -> list[ScoreRow]:
-    rows = []
-    for key, dataset in DATASETS.items():
-        items = load_mera(data.mera_dir, dataset, limit)
-        formulas = []
+    """Both datasets in one batched generation (so progress runs over all their items), scored per dataset."""
+    datasets = {key: load_mera(data.mera_dir, dataset, limit) for key, dataset in DATASETS.items()}
+    prompts = []
+    for key, items in datasets.items():
         for position, item in enumerate(items):
             formula = item["inputs"].get("formula")
             if not isinstance(formula, str) or not formula.strip():
-                raise AdaptationInputError(f"{dataset} item {position}: needs a non-empty 'formula'")
-            formulas.append(formula.strip())
-        prompts = [arith_prompt(tokenizer, formula) for formula in formulas]
-        outputs = greedy_generate(model, tokenizer, prompts, [MAX_NEW_TOKENS] * len(prompts), batch_size=batch_size)
-        correct = sum(numbers_match(output, str(item["label"])) for output, item in zip(outputs, items, strict=True))
+                raise AdaptationInputError(f"{DATASETS[key]} item {position}: needs a non-empty 'formula'")
+            prompts.append(arith_prompt(tokenizer, formula.strip()))
+    outputs = iter(
+        greedy_generate(
+            model, tokenizer, prompts, [MAX_NEW_TOKENS] * len(prompts), batch_size=batch_size, progress=progress
+        )
+    )
+    rows = []
+    for key, items in datasets.items():
+        correct = sum(numbers_match(next(outputs), str(item["label"])) for item in items)
         rows.append(ScoreRow("mera_arith", f"{key}_exact_match", correct / len(items), len(items)))
     return rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, per_language_rows
+from langadapt.core.adaptation.evaluate.base import EvalData, ItemProgress, ScoreRow, per_language_rows
 from langadapt.core.adaptation.vocab.common import chars_per_token
 
 
@@ -21,6 +21,7 @@ def symbols_per_token(
     *,
     limit: int | None = None,
     batch_size: int = 8,
+    progress: ItemProgress | None = None,  # tokenizing takes no time worth reporting
 ) -> list[ScoreRow]:
     return per_language_rows(
         "symbols_per_token", data, limit, lambda texts: (chars_per_token(tokenizer, texts), sum(map(len, texts)))

@@ -15,6 +15,8 @@ def random_init(ctx: InitContext, new_ids: torch.Tensor) -> torch.Tensor:
     centered = rows - mean
     cov = centered.T @ centered / max(len(rows) - 1, 1)
     scale = cov.diagonal().mean().clamp_min(1e-12)
-    factor = torch.linalg.cholesky(cov + _JITTER * scale * torch.eye(len(cov), dtype=torch.float64))
-    noise = torch.randn(len(new_ids), len(mean), generator=ctx.generator, dtype=torch.float64)
+    eye = torch.eye(len(cov), dtype=torch.float64, device=rows.device)
+    factor = torch.linalg.cholesky(cov + _JITTER * scale * eye)
+    # Drawn on the CPU generator wherever the rows are: the same seed gives the same rows on every device.
+    noise = torch.randn(len(new_ids), len(mean), generator=ctx.generator, dtype=torch.float64).to(rows.device)
     return mean + noise @ factor.T
