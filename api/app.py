@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from langadapt.api import errors, metrics
 from langadapt.api.routes import ROUTERS
@@ -32,7 +33,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         services.engine.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc with their assets served from the installed package: they work without internet.
+    app = FastAPIOffline(
         title="langadapt",
         version="0.1.0",
         description="Managed language adaptation jobs: vocabulary, embedding init, CPT, LEP, calibration, eval.",

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from langadapt.jobs.errors import ServiceError
@@ -51,11 +52,15 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
-def current_team(request: Request, session: SessionDep) -> Team:
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+# The OpenAPI security scheme (Swagger's Authorize button); the check itself is `current_team`.
+api_key = HTTPBearer(auto_error=False, scheme_name="APIKey", description="a team's API key: `Bearer la_...`")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(api_key)]
+
+
+def current_team(credentials: Credentials, session: SessionDep) -> Team:
+    if credentials is None or not credentials.credentials.strip():
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    team = authenticate(session=session, key=key.strip())
+    team = authenticate(session=session, key=credentials.credentials.strip())
     if team is None:
         raise Unauthenticated("invalid or revoked API key")
     return team

@@ -11,6 +11,7 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
+from langadapt.core.adaptation.spec import error_field
 from langadapt.jobs.errors import ServiceError
 from langadapt.jobs.storage import StorageUnavailable
 
@@ -23,11 +24,13 @@ def error_response(status: int, code: str, message: str, param: str | None = Non
     return JSONResponse({"error": {"code": code, "message": message, "param": param}}, status_code=status)
 
 
-def _param(loc: tuple[int | str, ...]) -> str:
-    parts = [str(part) for part in loc]
-    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header"):
-        parts = parts[1:]
-    return ".".join(parts) or "body"
+def _param(error: dict) -> str:
+    """The field an error is about, without FastAPI's location prefix (`body.cpt.warmup_steps` -> `cpt.warmup_steps`;
+    a `SpecConflict` adds the field it names)."""
+    loc = tuple(error.get("loc", ()))
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        return error_field({**error, "loc": loc[1:]}) or str(loc[0])
+    return error_field(error) or "body"
 
 
 def install(app: FastAPI) -> None:
@@ -42,7 +45,7 @@ def install(app: FastAPI) -> None:
         message = str(first["msg"]).removeprefix("Value error, ")
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem(s))"
-        return error_response(422, "invalid_request", message, _param(tuple(first["loc"])))
+        return error_response(422, "invalid_request", message, _param(first))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

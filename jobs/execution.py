@@ -72,7 +72,7 @@ def set_stage(session: Session, job_id: str, stage: str) -> None:
     session.commit()
 
 
-def set_progress(session: Session, job_id: str, *, step: int, total: int, eta_s: float | None) -> None:
+def set_progress(session: Session, job_id: str, *, step: int, total: int | None, eta_s: float | None) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(progress_step=step, progress_total=total, eta_s=eta_s))
     session.commit()
 

@@ -18,8 +18,9 @@ from langadapt.jobs.settings import Settings
 
 RUN_JOB = "langadapt.run_job"
 REAP = "langadapt.reap"
-GPU_QUEUE = "gpu"
-MAINTENANCE_QUEUE = "maintenance"
+GPU = "gpu"  # queue roles; the queue names are `settings.queue(role)`
+MAINTENANCE = "maintenance"
+ROLES = (GPU, MAINTENANCE)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ def celery_app(settings: Settings) -> Celery:
         task_acks_late=True,  # a message is acknowledged only after the job ran
         worker_prefetch_multiplier=1,
         worker_concurrency=1,  # one job per GPU
-        task_default_queue=GPU_QUEUE,
-        task_routes={RUN_JOB: {"queue": GPU_QUEUE}, REAP: {"queue": MAINTENANCE_QUEUE}},
+        task_default_queue=settings.queue(GPU),
+        task_routes={RUN_JOB: {"queue": settings.queue(GPU)}, REAP: {"queue": settings.queue(MAINTENANCE)}},
         broker_transport_options=_transport_options(settings),
         broker_connection_timeout=5,
         broker_connection_retry_on_startup=True,
@@ -43,10 +44,14 @@ def celery_app(settings: Settings) -> Celery:
     return app
 
 
-def _transport_options(settings: Settings) -> dict[str, int]:
-    if settings.broker.startswith(("redis", "rediss", "sqs")):
-        # Redis redelivers unacknowledged messages after this; it must exceed the longest job.
-        return {"visibility_timeout": settings.visibility_timeout_s}
+def _transport_options(settings: Settings) -> dict[str, int | str]:
+    if settings.broker.startswith(("redis", "rediss")):
+        # Redis redelivers unacknowledged messages after this; it must exceed the longest job. Every key the
+        # transport writes (queues, bindings, unacked messages) carries the queue prefix.
+        options: dict[str, int | str] = {"visibility_timeout": settings.visibility_timeout_s}
+        if settings.queue_prefix:
+            options["global_keyprefix"] = settings.queue_prefix
+        return options
     return {}  # the embedded SQLite broker passes its options to create_engine
 
 
@@ -54,7 +59,7 @@ def dispatch(session: Session, app: Celery, job_id: str) -> bool:
     """Send "run job X"; on success mark the job dispatched. A job the broker did not take stays undispatched and
     the reaper sends it again, so a broker outage delays jobs but never loses them."""
     try:
-        app.send_task(RUN_JOB, args=[job_id], queue=GPU_QUEUE)
+        app.send_task(RUN_JOB, args=[job_id])  # routed to the gpu queue by `task_routes`
     except Exception as exc:  # kombu raises many types for an unreachable broker
         log.warning("could not dispatch %s: %s", job_id, exc)
         return False

@@ -58,7 +58,20 @@ def list_results(
     return page(rows, limit, lambda row: row[0].id)
 
 
+# Always part of a group: a mean over different tasks, metrics or models (an exact match with an F1, the original
+# with the adapted model) means nothing.
+ALWAYS_GROUPED = ("task", "metric", "model")
+
+
+def group_keys(group_by: list[str]) -> list[str]:
+    """The requested columns, then those of `ALWAYS_GROUPED` not among them."""
+    names = list(dict.fromkeys(group_by))
+    return names + [name for name in ALWAYS_GROUPED if name not in names]
+
+
 def group_results(session: Session, team: Team, flt: ResultFilter, group_by: list[str], *, limit: int) -> list[dict]:
+    """One aggregate (mean, min, max, count) per group of `group_keys(group_by)`, the latest group first."""
+    group_by = group_keys(group_by)
     keys = [COLUMNS[name].label(name) for name in group_by]
     query = _where(
         select(

@@ -16,6 +16,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from langadapt.core.adaptation.task_names import MERA_TASKS
 from langadapt.jobs.catalogue import check_model_reference
 from langadapt.jobs.errors import Conflict, Invalid, NotFound
 from langadapt.jobs.models import RETRYABLE, File, Job, JobEvent, JobLabel, JobStatus, Team, utcnow
@@ -23,8 +24,6 @@ from langadapt.jobs.pages import page
 from langadapt.jobs.settings import Settings
 from langadapt.jobs.spec import JobRequest
 from langadapt.jobs.storage import ArtifactStore
-
-MERA_TASKS = {"mc_ruworldtree", "mera_arith"}
 
 
 def get_job(session: Session, team: Team, job_id: str) -> Job:
@@ -73,7 +72,7 @@ def create_job(
         instruct_model=request.instruct_model,
         vocab_method=request.vocab.method,
         init_method=request.init.method,
-        variants=list(request.propagation.variants) if request.instruct_model else [],
+        variants=list(request.variants),
         corpus_file_id=request.corpus_file,
         eval_file_id=request.eval_file,
         idempotency_key=idempotency_key,
@@ -121,8 +120,6 @@ def _validate(*, session: Session, store: ArtifactStore, settings: Settings, tea
             code="task_unavailable",
             param="evaluation.tasks",
         )
-    if request.calibration.method != "none" and request.instruct_model is None:
-        raise Invalid("calibration needs an instruct_model", code="invalid_request", param="calibration.method")
 
 
 def list_jobs(

@@ -1,7 +1,9 @@
 """Service settings from environment variables (`LANGADAPT_*`) or a `.env` file, validated at start-up.
 
 The defaults are the embedded mode: SQLite, a local artifact folder and a broker in a SQLite file, all under
-`data_dir`, so `langadapt serve` runs with no external services. Production sets the URLs (see docker-compose.yml).
+`home` (`LANGADAPT_HOME`, by default the user's data directory, e.g. `~/.local/share/langadapt`; never the current
+folder, so every command finds the same service), so `langadapt serve` runs with no external services. Production
+sets the URLs (see docker-compose.yml).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 
+import platformdirs
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -19,17 +22,25 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LANGADAPT_", env_file=".env", extra="ignore")
 
     environment: str = Field("dev", description="dev or production; production refuses embedded defaults")
-    data_dir: str = Field("langadapt-data", description="root of the embedded database, broker and artifacts")
+    home: str = Field(
+        default_factory=lambda: platformdirs.user_data_dir("langadapt"),
+        description="root of the embedded database, broker, artifacts and worker scratch space",
+    )
     database_url: str | None = None
     broker_url: str | None = None
-    storage_url: str | None = Field(None, description="s3://bucket[/prefix] or a folder (default data_dir/artifacts)")
+    queue_prefix: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9_.:-]*$",
+        description="prefix of the queue names and broker keys: deployments (or test runs) sharing a broker",
+    )
+    storage_url: str | None = Field(None, description="s3://bucket[/prefix] or a folder (default home/artifacts)")
     s3_endpoint: str | None = None
     s3_public_endpoint: str | None = Field(None, description="host:port presigned URLs are signed for")
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
     s3_secure: bool = False
     s3_region: str = "us-east-1"
-    work_dir: str | None = Field(None, description="worker scratch space for runs (default data_dir/work)")
+    work_dir: str | None = Field(None, description="worker scratch space for runs (default home/work)")
 
     allowed_model_roots: list[str] = Field(default_factory=list, description="folders job model paths may be in")
     model_catalogue: dict[str, str] = Field(
@@ -39,7 +50,6 @@ class Settings(BaseSettings):
 
     metrics_token: str | None = Field(None, description="bearer token /metrics requires (job counts are service-wide)")
     max_upload_bytes: int = Field(2 << 30, gt=0)
-    max_page_size: int = Field(100, gt=0)
     presign_ttl_s: int = Field(900, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0, description="worker heartbeat and cancel-flag poll period")
     heartbeat_timeout_s: float = Field(120.0, gt=0)
@@ -55,20 +65,24 @@ class Settings(BaseSettings):
         return self
 
     @cached_property
-    def data_path(self) -> str:
-        return os.path.abspath(self.data_dir)
+    def home_path(self) -> str:
+        return os.path.abspath(os.path.expanduser(self.home))
 
     @property
     def database(self) -> str:
-        return self.database_url or f"sqlite:///{os.path.join(self.data_path, 'langadapt.db')}"
+        return self.database_url or f"sqlite:///{os.path.join(self.home_path, 'langadapt.db')}"
 
     @property
     def broker(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{os.path.join(self.data_path, 'broker.db')}"
+        return self.broker_url or f"sqla+sqlite:///{os.path.join(self.home_path, 'broker.db')}"
+
+    def queue(self, role: str) -> str:
+        """The broker queue of a worker role (`gpu`, `maintenance`)."""
+        return self.queue_prefix + role
 
     @property
     def storage(self) -> str:
-        return self.storage_url or os.path.join(self.data_path, "artifacts")
+        return self.storage_url or os.path.join(self.home_path, "artifacts")
 
     def open_store(self) -> ArtifactStore:
         return open_store(
@@ -83,4 +97,4 @@ class Settings(BaseSettings):
 
     @property
     def work(self) -> str:
-        return os.path.abspath(self.work_dir or os.path.join(self.data_path, "work"))
+        return os.path.abspath(self.work_dir or os.path.join(self.home_path, "work"))

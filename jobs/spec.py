@@ -1,4 +1,4 @@
-"""The job request (`POST /v1/jobs` body): core's adaptation spec with uploaded file ids instead of paths.
+"""The job request (`POST /v1/jobs` body): core's job settings with uploaded file ids instead of paths.
 
 It is stored with the job as submitted (after defaults are filled in) and turned into an `AdaptationSpec` by the
 worker once the files are materialised on its disk (`to_adaptation_spec`).
@@ -8,56 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from langadapt.core.adaptation.spec import (
-    AdaptationSpec,
-    CalibrationSpec,
-    CPTSpec,
-    EvaluationSpec,
-    InitSpec,
-    PropagationSpec,
-    VocabSpec,
-)
-
-LABEL_KEY_PATTERN = r"^[A-Za-z0-9_.\-]{1,100}$"
-MAX_LABELS = 32
+from langadapt.core.adaptation.spec import AdaptationSpec, JobSettings
 
 
-class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    base_model: str = Field(min_length=1, max_length=500, description="catalogue name, allowed path or s3:// URI")
-    instruct_model: str | None = Field(None, min_length=1, max_length=500)
+class JobRequest(JobSettings):
     corpus_file: str = Field(min_length=1, max_length=40, description="file id of the target-language corpus")
     eval_file: str | None = Field(
         None, max_length=40, description="file id of held-out target text; default: the corpus's first characters"
     )
     source_eval_file: str | None = Field(None, max_length=40, description="file id of held-out source text")
-    vocab: VocabSpec = Field(default_factory=lambda: VocabSpec(method="extended", new_tokens=16_000))
-    init: InitSpec = Field(default_factory=InitSpec)
-    cpt: CPTSpec = Field(default_factory=CPTSpec)
-    propagation: PropagationSpec = Field(default_factory=PropagationSpec)
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    evaluation: EvaluationSpec = Field(
-        default_factory=lambda: EvaluationSpec(tasks=["symbols_per_token", "bits_per_char", "copy_ru"])
-    )
-    labels: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
-        if len(labels) > MAX_LABELS:
-            raise ValueError(f"at most {MAX_LABELS} labels")
-        for key, value in labels.items():
-            if not re.match(LABEL_KEY_PATTERN, key):
-                raise ValueError(f"label key {key!r} must match {LABEL_KEY_PATTERN}")
-            if not 0 < len(value) <= 200:
-                raise ValueError(f"label {key!r}: value must be 1 to 200 characters")
-        return labels
+    source_heldout_field: ClassVar[str] = "source_eval_file"
 
     @model_validator(mode="after")
     def _server_side_paths(self) -> JobRequest:
@@ -93,7 +58,8 @@ class JobRequest(BaseModel):
         data["corpus"] = files["corpus_file"]
         data["heldout"] = heldout
         data["source_heldout"] = files.get("source_eval_file")
-        data["vocab"]["source_corpus"] = files.get("vocab.source_corpus")
-        data["calibration"]["prompt_file"] = files.get("calibration.prompt_file")
         data["evaluation"]["mera_dir"] = mera_dir
+        for section, name in (("vocab", "source_corpus"), ("calibration", "prompt_file")):
+            if f"{section}.{name}" in files:
+                data[section][name] = files[f"{section}.{name}"]
         return AdaptationSpec.model_validate(data)

@@ -244,7 +244,7 @@ def _endpoint(endpoint: str, secure: bool) -> tuple[str, bool]:
     return url.netloc, url.scheme == "https"
 
 
-def _content_disposition(filename: str) -> str:
+def content_disposition(filename: str) -> str:
     """RFC 6266: an ASCII fallback for old clients plus the exact UTF-8 name."""
     fallback = filename.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
@@ -365,7 +365,7 @@ class S3Store:
         return len(names)
 
     def presigned_get(self, key: str, expires: timedelta, filename: str | None = None) -> str | None:
-        headers = {"response-content-disposition": _content_disposition(filename)} if filename else None
+        headers = {"response-content-disposition": content_disposition(filename)} if filename else None
         return self._signer.presigned_get_object(self.bucket, self._name(key), expires, response_headers=headers)
 
     def local_path(self, key: str) -> str | None:

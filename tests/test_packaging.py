@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
-
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "jobs", "api", "worker", "cli")
@@ -32,8 +32,13 @@ def test_every_module_imports_from_outside_the_repository(tmp_path: Path) -> Non
 
 
 def test_the_wheel_installs_only_the_langadapt_namespace(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # a copy: setuptools builds inside the source tree
+    for folder in (*PACKAGES, "migrations"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
         timeout=300,
@@ -47,3 +52,15 @@ def test_the_wheel_installs_only_the_langadapt_namespace(tmp_path: Path) -> None
         assert expected in names
     assert any(name.startswith("langadapt/migrations/versions/") for name in names)
     assert "langadapt/migrations/script.py.mako" in names
+
+
+def test_the_service_side_never_imports_torch(tmp_path: Path) -> None:
+    """The API and the job domain validate and record jobs without loading training code."""
+    code = (
+        "import sys\n"
+        "import langadapt.api.app, langadapt.jobs.attempt, langadapt.jobs.artifacts, langadapt.jobs.progress\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ from langadapt.jobs import execution
 from langadapt.jobs.queue import REAP, RUN_JOB, dispatch
 from langadapt.jobs.runtime import Services, build_services
 from langadapt.worker.app import app, settings
-from langadapt.worker.runner import JobRunner
+from langadapt.worker.runner import run_job as run_one_job
 
 log = logging.getLogger("langadapt.worker")
 
@@ -27,9 +27,8 @@ def services() -> Services:
 
 @app.task(name=RUN_JOB, bind=True, max_retries=None)
 def run_job(self: Task, job_id: str) -> str | None:
-    current = services()
     try:
-        status = JobRunner(settings, current.sessions, current.store).run(job_id)
+        status = run_one_job(services(), job_id)
     except OperationalError as exc:  # the database is down before the job could be claimed: keep the message
         log.warning("job %s: database unavailable (%s); retrying in %d s", job_id, exc, DB_RETRY_S)
         raise self.retry(countdown=DB_RETRY_S) from exc

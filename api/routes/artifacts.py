@@ -12,7 +12,7 @@ from langadapt.jobs.execution import artifacts_of
 from langadapt.jobs.models import Artifact
 from langadapt.jobs.results import job_scores
 from langadapt.jobs.service import get_job
-from langadapt.jobs.storage import InvalidKey, validate_key
+from langadapt.jobs.storage import InvalidKey, content_disposition, validate_key
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["artifacts"], responses=ERROR_RESPONSES)
 
@@ -23,8 +23,9 @@ def list_artifacts(job_id: str, team: CurrentTeam, session: SessionDep) -> Artif
     return ArtifactsPublic(data=[ArtifactPublic.of(row) for row in artifacts_of(session, job.id)])
 
 
-@router.get(
+@router.api_route(
     "/artifacts/{name:path}",
+    methods=["GET", "HEAD"],
     status_code=status.HTTP_200_OK,
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "presigned URL (S3)"}},
@@ -38,13 +39,22 @@ def download_artifact(
     store: StoreDep,
     settings: SettingsDep,
 ) -> Response:
-    """The artifact's bytes: a redirect to a short-lived presigned URL on S3, a streamed file on a local store."""
+    """The artifact's bytes: a redirect to a short-lived presigned URL on S3, a streamed file on a local store.
+    HEAD answers with its size and sha256 (`ETag`, `X-Content-SHA256`) and no body, on every store."""
     job = get_job(session, team, job_id)
     _check_name(name, request)
     row = session.get(Artifact, (job.id, name))
     if row is None:
         raise NotFound(f"job {job.id} has no artifact {name!r}", code="artifact_not_found", param="name")
     filename = name.rsplit("/", 1)[-1]
+    if request.method == "HEAD":  # a presigned URL is signed for GET only: answer here
+        headers = {
+            "Content-Length": str(row.size),
+            "ETag": f'"{row.sha256}"',
+            "X-Content-SHA256": row.sha256,
+            "Content-Disposition": content_disposition(filename),
+        }
+        return Response(media_type="application/octet-stream", headers=headers)
     url = store.presigned_get(row.storage_key, timedelta(seconds=settings.presign_ttl_s), filename=filename)
     if url is not None:
         return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)

@@ -9,7 +9,7 @@ from langadapt.api.deps import CurrentTeam, SessionDep
 from langadapt.api.routes.pagination import Limit, parse_labels
 from langadapt.api.schemas import ERROR_RESPONSES, ResultGroup, ResultGroupsPublic, ResultPublic, ResultsPublic
 from langadapt.jobs.errors import Invalid
-from langadapt.jobs.results import COLUMNS, ResultFilter, group_results, list_results
+from langadapt.jobs.results import ALWAYS_GROUPED, COLUMNS, ResultFilter, group_keys, group_results, list_results
 
 router = APIRouter(prefix="/v1/results", tags=["results"], responses=ERROR_RESPONSES)
 
@@ -32,7 +32,13 @@ def read_results(
     label: Annotated[list[str], Query(description="key:value, repeatable")] = [],  # noqa: B006
     since: datetime | None = None,
     until: datetime | None = None,
-    group_by: Annotated[str | None, Query(description=f"comma-separated: {', '.join(COLUMNS)}")] = None,
+    group_by: Annotated[
+        str | None,
+        Query(
+            description=f"comma-separated: {', '.join(COLUMNS)}; {', '.join(ALWAYS_GROUPED)} are always part of a "
+            "group (a mean never mixes tasks, metrics or models)"
+        ),
+    ] = None,
     limit: Limit = 50,
     after: Annotated[int | None, Query(ge=0)] = None,
 ) -> Any:
@@ -63,7 +69,7 @@ def read_results(
         return ResultGroupsPublic(
             data=[
                 ResultGroup(
-                    key={name: group[name] for name in names},
+                    key={name: group[name] for name in group_keys(names)},
                     mean=group["mean"],
                     min=group["min"],
                     max=group["max"],

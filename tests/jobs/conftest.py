@@ -1,6 +1,9 @@
 """Service fixtures: the machine's real PostgreSQL and Redis, a moto S3 server, tiny models under an allowed root.
 
-Each test gets its own bucket, teams and data dir; the Postgres database is created once per session.
+Everything a run touches is its own, so two runs on one machine never meet: a Postgres database per session
+(created and dropped here), a Redis key and queue prefix per session (its keys deleted at the end; nothing is
+flushed) with a sub-prefix per test (no message of one test reaches another's worker), a bucket and a data folder
+per test, a moto server on a free port.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tests.s3_server import free_port, moto_s3_server
 
 PG_ADMIN = os.environ.get("LANGADAPT_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 REDIS_URL = os.environ.get("LANGADAPT_TEST_REDIS", "redis://127.0.0.1:6379/9")
+SESSION_PREFIX = f"langadapt-test-{os.getpid()}-{uuid.uuid4().hex[:6]}:"
 
 SettingsFactory = Callable[..., Settings]
 
@@ -51,9 +55,11 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    return REDIS_URL
+def redis_url() -> Iterator[str]:
+    yield REDIS_URL
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=f"{SESSION_PREFIX}*", count=1000):
+        client.delete(key)
 
 
 @pytest.fixture(scope="session")
@@ -81,9 +87,10 @@ def make_settings(tmp_path, pg_url, redis_url, s3_endpoint, model_root) -> Setti
 
     def build(**overrides) -> Settings:
         values = {
-            "data_dir": str(tmp_path / "data"),
+            "home": str(tmp_path / "data"),
             "database_url": pg_url,
             "broker_url": redis_url,
+            "queue_prefix": f"{SESSION_PREFIX}{uuid.uuid4().hex[:8]}:",
             "storage_url": f"s3://test-{uuid.uuid4().hex[:12]}",
             "s3_endpoint": s3_endpoint,
             "s3_access_key": "test",
@@ -161,7 +168,7 @@ class LiveServer:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as LANGADAPT_* environment variables (lists and dicts as JSON), for worker processes."""
     env = dict(os.environ)
-    for name, value in settings.model_dump(exclude={"data_path"}).items():
+    for name, value in settings.model_dump(exclude={"home_path"}).items():
         if value is None:
             continue
         env[f"LANGADAPT_{name.upper()}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
@@ -172,8 +179,9 @@ class WorkerProcess:
     """A real Celery worker (`celery -A langadapt.worker.app worker`) in its own process group."""
 
     def __init__(self, settings: Settings, *, queues: str = "gpu,maintenance", beat: bool = False) -> None:
-        command = worker_command(queues.split(","), beat=beat, name=f"test-{uuid.uuid4().hex[:6]}")
-        self.log_path = Path(settings.data_path) / f"worker-{uuid.uuid4().hex[:6]}.log"
+        names = [settings.queue(role) for role in queues.split(",")]
+        command = worker_command(names, beat=beat, name=f"test-{uuid.uuid4().hex[:6]}")
+        self.log_path = Path(settings.home_path) / f"worker-{uuid.uuid4().hex[:6]}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
@@ -211,9 +219,8 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def start_worker(redis_url) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start workers on a flushed broker (messages of earlier tests must not reach them); stopped at teardown."""
-    redis.Redis.from_url(redis_url).flushdb()
+def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers on the test's own queues (its settings' prefix); stopped at teardown."""
     started: list[WorkerProcess] = []
 
     def start(settings: Settings, **kwargs) -> WorkerProcess:
@@ -252,18 +259,35 @@ def files(upload, ru_texts) -> dict[str, str]:
 
 
 def job_body(model_root, files, **overrides) -> dict:
-    return {
+    """A small real job; with `instruct_model=None` it adapts the base alone (no propagation settings)."""
+    body = {
         "base_model": str(model_root / "base"),
         "instruct_model": str(model_root / "instruct"),
         "corpus_file": files["corpus"],
         "eval_file": files["heldout"],
         "vocab": {"method": "extended", "new_tokens": 300},
-        "cpt": {"steps": 6, "seq_len": 32, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 3, "lr": 1e-3},
+        "cpt": {
+            "steps": 6,
+            "seq_len": 32,
+            "batch_size": 2,
+            "grad_accum": 1,
+            "warmup_steps": 1,
+            "checkpoint_every": 3,
+            "lr": 1e-3,
+        },
         "propagation": {"variant": ["swap", "conversion"]},
         "evaluation": {"tasks": ["symbols_per_token", "bits_per_char", "copy_ru"], "limit": 2, "heldout_chars": 3000},
         "labels": {"suite": "e2e"},
         **overrides,
     }
+    if body["instruct_model"] is None and "propagation" not in overrides:
+        del body["propagation"]  # LEP settings without an instruct model are refused
+    return body
+
+
+def cpt_step(job: dict) -> int:
+    """The CPT step a job reports (0 before CPT runs: other stages count other units)."""
+    return (job["progress"]["step"] or 0) if job["stage"] == "cpt" else 0
 
 
 def all_events(client, auth, job_id: str) -> list[dict]:

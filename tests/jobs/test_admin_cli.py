@@ -21,7 +21,7 @@ def test_keys_are_created_listed_and_revoked(tmp_path, monkeypatch, capsys) -> N
     monkeypatch.chdir(tmp_path)
     for name in ("DATABASE_URL", "BROKER_URL", "STORAGE_URL"):
         monkeypatch.delenv(f"LANGADAPT_{name}", raising=False)
-    monkeypatch.setenv("LANGADAPT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LANGADAPT_HOME", str(tmp_path / "data"))
     first = _run(capsys, "create-team", "research")
     second = _run(capsys, "create-key", "research")
     assert first["api_key"].startswith("la_") and second["api_key"] != first["api_key"]

@@ -22,7 +22,7 @@ LANGADAPT = str(Path(sys.executable).with_name("langadapt"))
 def test_serve_runs_a_job_with_no_external_services(tmp_path, model_root) -> None:
     env = {
         **os.environ,
-        "LANGADAPT_DATA_DIR": str(tmp_path / "data"),
+        "LANGADAPT_HOME": str(tmp_path / "data"),
         "LANGADAPT_ALLOWED_MODEL_ROOTS": json.dumps([str(model_root)]),
         "LANGADAPT_HEARTBEAT_INTERVAL_S": "0.5",
     }
@@ -49,14 +49,17 @@ def test_serve_runs_a_job_with_no_external_services(tmp_path, model_root) -> Non
                 pass
             assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
+        elsewhere = tmp_path / "another-folder"  # the data folder comes from settings, never from the cwd
+        elsewhere.mkdir()
         created = subprocess.run(
             [LANGADAPT, "admin", "create-team", "demo"],
             env=env,
-            cwd=tmp_path,
+            cwd=elsewhere,
             capture_output=True,
             text=True,
             check=True,
         )
+        assert list(elsewhere.iterdir()) == []
         auth = {"Authorization": f"Bearer {json.loads(created.stdout)['api_key']}"}
         corpus = "".join(f"Строка номер {i}: мороз и солнце, день чудесный.\n" for i in range(400)).encode()
         file_id = httpx.post(f"{base}/v1/files", headers=auth, files={"file": ("ru.txt", corpus)}).json()["id"]
@@ -64,7 +67,7 @@ def test_serve_runs_a_job_with_no_external_services(tmp_path, model_root) -> Non
             "base_model": str(model_root / "base"),
             "corpus_file": file_id,
             "vocab": {"method": "extended", "new_tokens": 300},
-            "cpt": {"steps": 3, "seq_len": 32, "batch_size": 2, "warmup_steps": 1},
+            "cpt": {"steps": 3, "seq_len": 32, "batch_size": 2, "grad_accum": 1, "warmup_steps": 1},
             "evaluation": {"tasks": ["symbols_per_token", "bits_per_char"], "heldout_chars": 2000},
         }
         job = httpx.post(f"{base}/v1/jobs", headers=auth, json=body).json()

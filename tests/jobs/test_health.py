@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 
 import pytest
 from fastapi.testclient import TestClient
@@ -82,6 +83,9 @@ def test_local_store_streams_artifacts_and_refuses_traversal(tmp_path, make_sett
         download = client.get(f"/v1/jobs/{job['id']}/artifacts/evaluate/scores.json", headers=auth)
         assert download.status_code == 200 and download.content == b"[1, 2]"
         assert 'filename="scores.json"' in download.headers["content-disposition"]
+        head = client.head(f"/v1/jobs/{job['id']}/artifacts/evaluate/scores.json", headers=auth)
+        assert head.status_code == 200 and head.content == b""
+        assert (head.headers["content-length"], head.headers["x-content-sha256"]) == ("6", "s")
         with LiveServer(settings) as server:  # raw paths: HTTP clients would normalise dot segments
             for name in (
                 "evaluate/../evaluate/scores.json",
@@ -105,3 +109,25 @@ def test_local_store_streams_artifacts_and_refuses_traversal(tmp_path, make_sett
     assert os.path.isfile(
         tmp_path / "artifacts" / "teams" / "x" / "jobs" / job["id"] / "artifacts" / "evaluate" / "scores.json"
     )
+
+
+def test_docs_work_offline_with_an_authorize_button(client) -> None:
+    """Swagger UI's assets come from the service itself (no CDN), and the API key is an HTTP bearer scheme."""
+    page = client.get("/docs").text
+    assets = re.findall(r"""(?:src|href)=["']([^"']+\.(?:js|css))["']""", page)
+    assert len(assets) == 2 and all(asset.startswith("/") for asset in assets), assets
+    for asset in assets:
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.content) > 50_000, asset
+    assert "cdn" not in page.lower()
+    schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["APIKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "a team's API key: `Bearer la_...`",
+    }
+    assert schema["paths"]["/v1/jobs"]["post"]["security"] == [{"APIKey": []}]
+    assert "head" in schema["paths"]["/v1/jobs/{job_id}/artifacts/{name}"]
+    evaluation = schema["components"]["schemas"]["EvaluationConfig"]["properties"]
+    assert evaluation["tasks"]["default"] == ["symbols_per_token", "bits_per_char", "copy_ru"]
+    assert evaluation["limit"]["default"] == 50

@@ -48,7 +48,8 @@ def test_every_route_hides_other_teams_resources(client, auth, settings, model_r
             response = client.request(method, path, headers=other)
             if params:
                 assert response.status_code == 404, (method, path, response.text)
-                assert response.json()["error"]["code"].endswith("not_found")
+                if method != "HEAD":  # a HEAD answer has no body
+                    assert response.json()["error"]["code"].endswith("not_found")
                 mine = client.request(method, path, headers=auth)
                 assert mine.status_code != 404 or method == "GET" and "artifacts/" in path, (method, path)
             elif method == "GET":

@@ -12,11 +12,11 @@ from fastapi.testclient import TestClient
 
 from langadapt.api.app import create_app
 from tests.conftest import shared_file
-from tests.jobs.conftest import LiveServer, all_events, job_body, new_team_key, wait_for
+from tests.jobs.conftest import LiveServer, all_events, cpt_step, job_body, new_team_key, wait_for
 from tests.tcp_proxy import TcpProxy
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-LONG_CPT = {"steps": 100_000, "seq_len": 32, "batch_size": 2, "checkpoint_every": 10}
+LONG_CPT = {"steps": 100_000, "seq_len": 32, "batch_size": 2, "grad_accum": 1, "checkpoint_every": 10}
 
 
 def _log(figure: str, **values) -> None:
@@ -30,10 +30,10 @@ def test_killed_worker_is_reaped_and_retry_resumes_from_the_checkpoint(
     reaper = settings.model_copy(update={"heartbeat_timeout_s": 3, "reaper_interval_s": 1})
     start_worker(reaper, queues="maintenance", beat=True)  # the reaper, in its own process
     gpu = start_worker(settings, queues="gpu")
-    cpt = {"steps": 2000, "seq_len": 32, "batch_size": 2, "checkpoint_every": 10}
+    cpt = {"steps": 2000, "seq_len": 32, "batch_size": 2, "grad_accum": 1, "checkpoint_every": 10}
     body = job_body(model_root, files, instruct_model=None, evaluation={"tasks": ["symbols_per_token"]}, cpt=cpt)
     job = client.post("/v1/jobs", headers=auth, json=body).json()
-    running = wait_for(client, auth, job["id"], lambda j: (j["progress"]["step"] or 0) >= 30 or j["status"] in TERMINAL)
+    running = wait_for(client, auth, job["id"], lambda j: cpt_step(j) >= 30 or j["status"] in TERMINAL)
     assert running["status"] == "running" and running["stage"] == "cpt", running
     artifacts_before = client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]
 
@@ -58,7 +58,7 @@ def test_killed_worker_is_reaped_and_retry_resumes_from_the_checkpoint(
     resumed = json.loads(httpx.get(stage.headers["location"]).content)["resumed_from"]
     events = all_events(client, auth, job["id"])
     retry = [e["message"] for e in events].index("retry requested")
-    last_before_kill = max(e["data"]["step"] for e in events[:retry] if e["type"] == "metrics")
+    last_before_kill = max(e["data"]["step"] for e in events[:retry] if e["type"] == "metrics" and e["stage"] == "cpt")
     # Checkpoints every 10 steps: the retry resumed from the last one the killed worker wrote.
     assert resumed % 10 == 0 and last_before_kill - 10 < resumed <= last_before_kill + 10 and resumed >= 30
     _log(
@@ -76,7 +76,7 @@ def test_cancel_frees_the_worker_and_a_cancelled_queued_job_never_starts(
     start_worker(settings, queues="gpu")
     body = job_body(model_root, files, instruct_model=None, evaluation={"tasks": ["symbols_per_token"]}, cpt=LONG_CPT)
     first = client.post("/v1/jobs", headers=auth, json=body).json()
-    wait_for(client, auth, first["id"], lambda j: (j["progress"]["step"] or 0) >= 10)
+    wait_for(client, auth, first["id"], lambda j: cpt_step(j) >= 10)
     never = client.post("/v1/jobs", headers=auth, json={**body, "labels": {"n": "never"}}).json()
     after = client.post("/v1/jobs", headers=auth, json={**body, "labels": {"n": "next"}, "cpt": {"steps": 2}}).json()
     cancelled_queued = client.post(f"/v1/jobs/{never['id']}/cancel", headers=auth).json()
@@ -137,7 +137,7 @@ def test_storage_outage_fails_the_stage_and_retry_succeeds(
             "base_model": str(model_root / "base"),
             "corpus_file": api.post("/v1/files", headers=auth, files=files).json()["id"],
             "vocab": {"method": "extended", "new_tokens": 300},
-            "cpt": {"steps": 300, "seq_len": 32, "batch_size": 2, "checkpoint_every": 50},
+            "cpt": {"steps": 300, "seq_len": 32, "batch_size": 2, "grad_accum": 1, "checkpoint_every": 50},
             "evaluation": {"tasks": ["symbols_per_token"], "heldout_chars": 2000},
         }
         start_worker(settings, queues="gpu")
@@ -175,12 +175,12 @@ def test_database_outage_is_503_and_nothing_is_lost(make_settings, pg_url, start
             "base_model": str(model_root / "base"),
             "corpus_file": corpus.json()["id"],
             "vocab": {"method": "extended", "new_tokens": 300},
-            "cpt": {"steps": 2, "seq_len": 32, "batch_size": 2},
+            "cpt": {"steps": 2, "seq_len": 32, "batch_size": 2, "grad_accum": 1},
             "evaluation": {"tasks": ["symbols_per_token"], "heldout_chars": 500},
         }
         running = api.post("/v1/jobs", headers=auth, json={**short, "cpt": LONG_CPT}).json()["id"]
         queued = [api.post("/v1/jobs", headers=auth, json=short).json()["id"] for _ in range(3)]
-        wait_for(api, auth, running, lambda j: (j["progress"]["step"] or 0) >= 10)
+        wait_for(api, auth, running, lambda j: cpt_step(j) >= 10)
 
         proxy.cut()  # the database goes away: a job is training, three are queued behind it
         down = time.monotonic()

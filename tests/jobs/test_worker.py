@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from tests.jobs.conftest import all_events, job_body, wait_for
+from tests.jobs.conftest import all_events, cpt_step, job_body, wait_for
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -63,17 +63,22 @@ def test_job_runs_end_to_end_through_the_worker(client, auth, settings, start_wo
     assert {r["variant"] for r in results["data"]} == {None, "swap", "conversion"}
     assert all(r["vocab_method"] == "extended" and r["labels"] == {"suite": "e2e"} for r in results["data"])
     grouped = client.get("/v1/results?group_by=variant,task&task=bits_per_char", headers=auth).json()["data"]
+    # task, metric and model are always part of a group: a mean never mixes them
     assert {tuple(g["key"].values()) for g in grouped} == {
-        (None, "bits_per_char"),
-        ("swap", "bits_per_char"),
-        ("conversion", "bits_per_char"),
+        (variant, "bits_per_char", "target", model)
+        for variant, model in ((None, "original"), ("swap", "propagated:swap"), ("conversion", "propagated:conversion"))
     }
+    assert all(g["count"] == 1 for g in grouped)
 
     events = all_events(client, auth, job["id"])
     started = [e["stage"] for e in events if e["type"] == "stage" and e["message"] == "started"]
     assert started == ["inputs", "tokenizer", "init", "cpt", "propagate:swap", "propagate:conversion", "evaluate"]
     cpt_metrics = [e["data"] for e in events if e["type"] == "metrics" and e["stage"] == "cpt"]
-    assert cpt_metrics[-1]["step"] == 6 and cpt_metrics[-1]["total_steps"] == 6
+    assert cpt_metrics[-1]["step"] == 6 and cpt_metrics[-1]["total"] == 6 and cpt_metrics[-1]["unit"] == "steps"
+    assert "loss" in cpt_metrics[-1] and cpt_metrics[-1]["eta_s"] == 0
+    evaluated = [e["data"] for e in events if e["type"] == "metrics" and e["stage"] == "evaluate"]
+    evaluated_pairs = {(d["model"], d["task"]) for d in evaluated}
+    assert evaluated_pairs >= {("original", "copy_ru"), ("propagated:swap", "bits_per_char")}
     assert not os.path.exists(os.path.join(settings.work, "jobs", job["id"]))  # scratch space released
 
     stream = client.get(f"/v1/jobs/{job['id']}/events", headers={**auth, "Accept": "text/event-stream"})
@@ -99,10 +104,10 @@ def test_cancel_stops_cpt_and_retry_resumes_from_the_checkpoint(
         files,
         instruct_model=None,
         evaluation={"tasks": ["symbols_per_token"]},
-        cpt={"steps": 1000, "seq_len": 32, "batch_size": 2, "checkpoint_every": 500},
+        cpt={"steps": 1000, "seq_len": 32, "batch_size": 2, "grad_accum": 1, "checkpoint_every": 500},
     )
     job = client.post("/v1/jobs", headers=auth, json=body).json()
-    wait_for(client, auth, job["id"], lambda j: (j["progress"]["step"] or 0) >= 20 or j["status"] in TERMINAL)
+    wait_for(client, auth, job["id"], lambda j: cpt_step(j) >= 20 or j["status"] in TERMINAL)
     asked = time.monotonic()
     assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth).json()["status"] == "cancelling"
     cancelled = wait_for(client, auth, job["id"], lambda j: j["status"] in TERMINAL, timeout=60)

@@ -1,0 +1,153 @@
+"""A job's files in the artifact store, as the worker side needs them: completed stages published as they finish
+and restored before a retry elsewhere, the interrupted CPT's checkpoint, and models named by s3:// URIs.
+
+Store layout under `layout.job_prefix(team, job)`: `artifacts/<stage dir>/<file>`, the job's `manifest.json`
+(every artifact with size and sha256) and `checkpoints/` (an interrupted CPT's latest checkpoint, marker last).
+Torch-free: run directories are read through `core.adaptation.rundir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.manifest import MANIFEST, is_complete, read_manifest, sha256_file
+from langadapt.core.adaptation.rundir import CPT_WORK, TrainingDir, stage_dirname
+from langadapt.jobs import execution, layout
+from langadapt.jobs.catalogue import catalogue, model_objects, store_key
+from langadapt.jobs.models import Artifact, Job
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.storage import ArtifactStore, S3Store, StorageError
+
+log = logging.getLogger("langadapt.jobs")
+
+CHECKPOINT_MARKER = "checkpoint.json"
+ARTIFACT_KINDS = {
+    "tokenizer": "tokenizer",
+    "init": "initialised_base",
+    "cpt": "adapted_base",
+    "propagate": "propagated_instruct",
+    "calibration-data": "calibration_data",
+    "calibrate": "calibrated_instruct",
+    "evaluate": "eval_report",
+}
+
+
+class JobArtifacts:
+    """The store side of one job: `publish_stage` / `restore_stages`, and the CPT checkpoint kept for a retry."""
+
+    def __init__(self, store: ArtifactStore, sessions: sessionmaker[Session], job: Job) -> None:
+        self.store, self.sessions, self.job = store, sessions, job
+        self.prefix = layout.job_prefix(job.team_id, job.id)
+
+    def publish_stage(self, stage: str, path: str) -> None:
+        """Upload a completed stage's files (manifest last), record them, and the scores after `evaluate`."""
+        directory = stage_dirname(stage)
+        manifest = read_manifest(path) or {"files": []}
+        hashes = {entry["path"]: entry["sha256"] for entry in manifest["files"]}
+        with self.sessions() as session:
+            known = {a.name: a.sha256 for a in execution.artifacts_of(session, self.job.id)}
+        kind = ARTIFACT_KINDS.get(stage.split(":", 1)[0], "other")
+        rows = []
+        for relative in [*sorted(hashes), MANIFEST]:
+            name = f"{directory}/{relative}"
+            local = os.path.join(path, relative)
+            sha = hashes.get(relative) or sha256_file(local)
+            key = self.prefix + "artifacts/" + name
+            if known.get(name) != sha:
+                self.store.put_file(key, local)
+            size = os.path.getsize(local)
+            rows.append(Artifact(job_id=self.job.id, name=name, kind=kind, size=size, sha256=sha, storage_key=key))
+        with self.sessions() as session:
+            execution.record_artifacts(session, self.job.id, rows)
+            everything = execution.artifacts_of(session, self.job.id)
+            if stage == "evaluate":
+                with open(os.path.join(path, "scores.json"), encoding="utf-8") as handle:
+                    execution.record_scores(session, self.job, json.load(handle))
+        job_manifest = {
+            "job_id": self.job.id,
+            "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256} for a in everything],
+        }
+        self.store.put_bytes(self.prefix + MANIFEST, json.dumps(job_manifest, indent=2).encode())
+
+    def restore_stages(self, run_dir: str) -> None:
+        """Download completed stages this machine lacks (a retry elsewhere), so they are skipped, not re-run."""
+        with self.sessions() as session:
+            artifacts = execution.artifacts_of(session, self.job.id)
+        by_stage: dict[str, list[Artifact]] = {}
+        for artifact in artifacts:
+            by_stage.setdefault(artifact.name.split("/", 1)[0], []).append(artifact)
+        for directory, rows in by_stage.items():
+            local = os.path.join(run_dir, directory)
+            if is_complete(local) or not any(row.name.endswith("/" + MANIFEST) for row in rows):
+                continue
+            shutil.rmtree(local, ignore_errors=True)
+            for row in rows:
+                self.store.download(row.storage_key, os.path.join(run_dir, row.name))
+
+    def save_checkpoint(self, run_dir: str) -> None:
+        """Keep an interrupted CPT's latest checkpoint in storage too, so a retry on another machine resumes it.
+        Best-effort: the local copy stays for a retry here; the marker is written last."""
+        work = TrainingDir(os.path.join(run_dir, CPT_WORK))
+        checkpoint = work.latest_checkpoint()
+        if checkpoint is None:
+            return
+        prefix = self.prefix + "checkpoints/"
+        files = [work.config] + [os.path.join(root, name) for root, _, names in os.walk(checkpoint) for name in names]
+        try:
+            self.store.delete_prefix(prefix)
+            for path in files:
+                self.store.put_file(prefix + os.path.relpath(path, work.root).replace(os.sep, "/"), path)
+            marker = {"checkpoint": os.path.relpath(checkpoint, work.root), "files": len(files)}
+            self.store.put_bytes(prefix + CHECKPOINT_MARKER, json.dumps(marker).encode())
+        except (StorageError, OSError) as exc:
+            log.warning("job %s: checkpoint not saved to storage: %s", self.job.id, exc)
+
+    def restore_checkpoint(self, run_dir: str) -> None:
+        """Before a retry on a machine without the interrupted CPT's checkpoint, fetch it from storage."""
+        work = TrainingDir(os.path.join(run_dir, CPT_WORK))
+        if is_complete(os.path.join(run_dir, "cpt")) or work.latest_checkpoint() is not None:
+            return
+        prefix = self.prefix + "checkpoints/"
+        if self.store.stat(prefix + CHECKPOINT_MARKER) is None:
+            return
+        for obj in self.store.list(prefix):
+            relative = obj.key[len(prefix) :]
+            if relative != CHECKPOINT_MARKER:
+                self.store.download(obj.key, os.path.join(work.root, relative))
+
+    def drop_checkpoint(self) -> None:
+        try:
+            self.store.delete_prefix(self.prefix + "checkpoints/")
+        except StorageError as exc:
+            log.warning("job %s: stale checkpoint left in storage: %s", self.job.id, exc)
+
+
+def local_model(settings: Settings, store: ArtifactStore, ref: str) -> str:
+    """A model spec core can load: shortcuts stay names, configured names and s3:// URIs become local paths (an
+    s3 model is downloaded once into the worker's model cache)."""
+    entry = catalogue(settings).get(ref)
+    if entry is not None and entry.source == "builtin":
+        return ref
+    location = entry.location if entry is not None else ref
+    if not location.startswith("s3://"):
+        return location
+    key = store_key(store, location) if isinstance(store, S3Store) else None
+    if key is None:
+        raise AdaptationInputError(f"model {ref!r}: {location} is not in this service's store", "invalid_model")
+    target = os.path.join(settings.work, "models", hashlib.sha256(location.encode()).hexdigest()[:16])
+    objects = model_objects(store, key)
+    if not objects:
+        raise AdaptationInputError(f"model {ref!r}: no objects in storage", "invalid_model")
+    for obj in objects:
+        relative = obj.key[len(key) :].lstrip("/") or os.path.basename(key)
+        path = os.path.join(target, relative)
+        if not os.path.exists(path) or os.path.getsize(path) != obj.size:
+            store.download(obj.key, path)
+    return target if len(objects) > 1 or objects[0].key != key else os.path.join(target, os.path.basename(key))
