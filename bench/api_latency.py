@@ -248,17 +248,17 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32, help="client keep-alive connections at most")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (one per core)")
     parser.add_argument("--pg-admin", default="host=127.0.0.1 port=5432 user=postgres dbname=test")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="broker; flushed before and after")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="broker (this run's keys only)")
     args = parser.parse_args()
 
     name = f"langadapt_bench_{os.getpid()}"
     pg = dict(part.split("=", 1) for part in args.pg_admin.split())
     database_url = f"postgresql+psycopg://{pg['user']}@{pg['host']}:{pg['port']}/{name}"
     broker = redis.Redis.from_url(args.redis)
+    prefix = f"{name}:"  # this run's queues and broker keys, deleted at the end
     tmp = tempfile.mkdtemp(prefix="langadapt-bench-")
     server = None
     try:
-        broker.flushdb()
         with psycopg.connect(args.pg_admin, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
         upgrade(database_url)
@@ -266,8 +266,9 @@ def main() -> None:
             **os.environ,
             "LANGADAPT_DATABASE_URL": database_url,
             "LANGADAPT_BROKER_URL": args.redis,
+            "LANGADAPT_QUEUE_PREFIX": prefix,
             "LANGADAPT_STORAGE_URL": os.path.join(tmp, "artifacts"),
-            "LANGADAPT_DATA_DIR": os.path.join(tmp, "data"),
+            "LANGADAPT_HOME": os.path.join(tmp, "data"),
         }
         model = MODEL
         if MODEL not in available_shortcuts():  # any existing path under an allowed root passes the submit check
@@ -283,7 +284,8 @@ def main() -> None:
             stop_server(server)
         with psycopg.connect(args.pg_admin, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        broker.flushdb()
+        for key in broker.scan_iter(match=f"{prefix}*", count=1000):
+            broker.delete(key)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from langadapt.jobs.queue import GPU_QUEUE, MAINTENANCE_QUEUE
+from langadapt.jobs.queue import GPU, MAINTENANCE, ROLES
 from langadapt.jobs.settings import Settings
 
 
@@ -35,7 +36,7 @@ def serve(args: argparse.Namespace) -> None:
         _prepare_broker(settings)
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so the workers are stopped.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    workers = [] if args.no_worker else _start_workers()
+    workers = [] if args.no_worker else _start_workers(settings)
     print(
         json.dumps(
             {
@@ -76,11 +77,11 @@ def _prepare_broker(settings: Settings) -> None:
         _ = connection.default_channel
 
 
-def _start_workers() -> list[subprocess.Popen[bytes]]:
+def _start_workers(settings: Settings) -> list[subprocess.Popen[bytes]]:
     """One GPU-queue worker (one job at a time) and one maintenance worker running the reaper's schedule."""
     return [
-        subprocess.Popen(worker_command([GPU_QUEUE], beat=False), start_new_session=True),
-        subprocess.Popen(worker_command([MAINTENANCE_QUEUE], beat=True), start_new_session=True),
+        subprocess.Popen(worker_command([settings.queue(GPU)], beat=False), start_new_session=True),
+        subprocess.Popen(worker_command([settings.queue(MAINTENANCE)], beat=True), start_new_session=True),
     ]
 
 
@@ -100,7 +101,7 @@ def worker_command(queues: list[str], *, beat: bool, name: str | None = None) ->
         "--loglevel",
         "INFO",
         "-n",
-        f"{name or '-'.join(queues)}@%h",
+        f"{name or re.sub(r'[^A-Za-z0-9_.-]', '-', '-'.join(queues))}@%h",
     ]
     if beat:
         command += ["--beat", "--pool", "solo"]
@@ -117,7 +118,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    os.execv(sys.executable, worker_command(args.queues.split(","), beat=args.beat))
+    settings = Settings()
+    roles = [role.strip() for role in args.queues.split(",") if role.strip()]
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown or not roles:
+        raise SystemExit(f"langadapt: error: unknown queue(s) {unknown} (choose from {', '.join(ROLES)})")
+    os.execv(sys.executable, worker_command([settings.queue(role) for role in roles], beat=args.beat))
 
 
 def db_upgrade(_: argparse.Namespace) -> None:
@@ -213,7 +219,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=serve)
 
     work = commands.add_parser("worker", help="run a Celery worker (gpu queue by default)")
-    work.add_argument("--queues", default=GPU_QUEUE)
+    work.add_argument("--queues", default=GPU, help=f"comma-separated roles: {', '.join(ROLES)}")
     work.add_argument("--beat", action="store_true", help="also run the periodic reaper schedule")
     work.set_defaults(handler=worker)
 

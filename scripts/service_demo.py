@@ -63,6 +63,7 @@ def main() -> None:
             "steps": args.steps,
             "seq_len": 256,
             "batch_size": 4,
+            "grad_accum": 1,
             "warmup_steps": 5,
             "lr": 5e-4,
             "checkpoint_every": 20,

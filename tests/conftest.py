@@ -33,6 +33,18 @@ CHAT_TEMPLATE = (
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _own_langadapt_home(tmp_path_factory: pytest.TempPathFactory):
+    """Nothing a test runs may write to the user's real data folder (the settings' default)."""
+    previous = os.environ.get("LANGADAPT_HOME")
+    os.environ["LANGADAPT_HOME"] = str(tmp_path_factory.mktemp("langadapt-home"))
+    yield
+    if previous is None:
+        del os.environ["LANGADAPT_HOME"]
+    else:
+        os.environ["LANGADAPT_HOME"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription (10-100x faster)."""
     previous = torch.get_num_threads()
