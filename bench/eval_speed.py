@@ -3,7 +3,7 @@
 The held-out text is what a job without an eval file uses: the corpus's first `evaluation.heldout_chars`
 characters (Russian literature). The model is placed as the evaluate stage places it (`compute_device()`, bf16 on
 a GPU). Prints one JSON line per task and a summary; with `--baseline` it first runs the former defaults in the same
-process (no item limit, batch 8) and reports the ratio.
+process (the task list before generation_speed, no item limit, batch 8) and reports the ratio.
 
     python bench/eval_speed.py [--baseline] [--corpus ../shared/data/ru/ruslit.jsonl.xz]
 """
@@ -62,7 +62,8 @@ def main() -> None:
         "documents": len(texts),
     }
     if args.baseline:
-        former = config.model_copy(update={"limit": None, "batch_size": 8})
+        former_tasks = ["symbols_per_token", "bits_per_char", "copy_ru"]
+        former = config.model_copy(update={"tasks": former_tasks, "limit": None, "batch_size": 8})
         summary["baseline_seconds"] = round(run("former defaults", former, model, tokenizer, data), 1)
     seconds = run("defaults", config, model, tokenizer, data)
     summary["seconds"] = round(seconds, 1)

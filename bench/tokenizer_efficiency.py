@@ -5,7 +5,7 @@ the paper's sizes, measured on held-out Russian (taiga) and English (EWT) text. 
 so its wall time and peak memory (max RSS) are its own. Prints a table, then one JSON line per row with the ratio
 against the original tokenizer measured in the same run.
 
-    python bench/tokenizer_efficiency.py [--train-chars N] [--only mistral-7b-v1] [--out results.jsonl]
+    python bench/tokenizer_efficiency.py [--train-chars N] [--only mistral-7b-v1] [--methods extended] [--out F]
 """
 
 from __future__ import annotations
@@ -19,21 +19,23 @@ from dataclasses import dataclass
 from typing import Any
 
 SHARED = "../shared/data"
-# The paper's sizes (Table 2 / §2.2).
+# The paper's sizes (Table 2 / §2.2); the paper's merge priority is new-first.
 ROWS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "mistral-7b-v1": [
         ("bpe", {"vocab_size": 32_000}),
         ("unigram", {"vocab_size": 32_000}),
-        ("extended", {"new_tokens": 32_000}),
+        ("extended", {"new_tokens": 32_000, "priority": "new-first"}),
         ("extended", {"new_tokens": 32_000, "priority": "old-first"}),
+        ("extended", {"new_tokens": 32_000, "priority": "target-first"}),
     ],
     "llama-3": [
         ("bpe", {"vocab_size": 128_000}),
         ("unigram", {"vocab_size": 128_000}),
-        ("extended", {"new_tokens": 64_000}),
+        ("extended", {"new_tokens": 64_000, "priority": "new-first"}),
         ("extended", {"new_tokens": 64_000, "priority": "old-first"}),
-        ("optimized", {"new_tokens": 64_000, "keep_tokens": 64_000}),
-        ("optimized", {"new_tokens": 64_000, "keep_tokens": 64_000, "keep_by": "first-ids"}),
+        ("extended", {"new_tokens": 64_000, "priority": "target-first"}),
+        ("optimized", {"new_tokens": 64_000, "keep_tokens": 64_000, "priority": "new-first"}),
+        ("optimized", {"new_tokens": 64_000, "keep_tokens": 64_000, "keep_by": "first-ids", "priority": "new-first"}),
     ],
 }
 # What the paper's authors' own tokenizers (trained on a much larger Russian web corpus) give on taiga_devtest.
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--data", default=SHARED)
     parser.add_argument("--train-chars", type=int, default=None, help="cap on training characters (default: all)")
     parser.add_argument("--only", choices=sorted(ROWS), action="append")
+    parser.add_argument("--methods", help="comma-separated methods to build (default: all), e.g. extended")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args()
     paths = Paths(
@@ -122,7 +125,8 @@ def main() -> None:
     print(header, flush=True)
     for source in args.only or ROWS:
         original = measure(source, None, {}, paths, None)
-        for method, options in [(None, {}), *ROWS[source]]:
+        wanted = ROWS[source] if not args.methods else [r for r in ROWS[source] if r[0] in args.methods.split(",")]
+        for method, options in [(None, {}), *wanted]:
             row = original if method is None else measure(source, method, options, paths, args.train_chars)
             label = (
                 "original"

@@ -1,4 +1,4 @@
-"""Sub-commands over `langadapt.core.adaptation`: run, tokenizer stats, vocab build, embed init, propagate.
+"""Sub-commands over `langadapt.core.adaptation`: run, evaluate, tokenizer stats, vocab build, embed init, propagate.
 
 Every command writes its output directory atomically and prints one JSON line describing the result.
 """
@@ -11,8 +11,19 @@ import os
 import sys
 from typing import Any, get_args
 
-from langadapt.core.adaptation.config import VARIANTS, InitConfig, KeepBy, Priority, VocabConfig, VocabMethod
+from langadapt.core.adaptation.config import (
+    DEFAULT_EVAL_TASKS,
+    VARIANTS,
+    EvaluationConfig,
+    InitConfig,
+    KeepBy,
+    Priority,
+    VocabConfig,
+    VocabMethod,
+)
 from langadapt.core.adaptation.corpus import require_documents
+from langadapt.core.adaptation.device import compute_device, inference_dtype
+from langadapt.core.adaptation.evaluate import EvalData, evaluate
 from langadapt.core.adaptation.events import Event, Message, Progress, StageDone, StageSkipped, StageStarted
 from langadapt.core.adaptation.fsutil import atomic_output_dir
 from langadapt.core.adaptation.init import INIT_METHODS
@@ -120,6 +131,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--out", required=True, help="run directory (re-running resumes from completed stages)")
     pipeline.set_defaults(handler=run)
 
+    defaults = EvaluationConfig()
+    scoring = commands.add_parser("evaluate", help="score a model with the job's evaluation tasks (JSON lines)")
+    scoring.add_argument("--model", required=True, help="model spec (shortcut, HF dir, .gguf)")
+    scoring.add_argument("--heldout", required=True, help="held-out target-language text (.txt / .jsonl)")
+    scoring.add_argument("--source-heldout", help="held-out source-language text (copy_en, source metrics)")
+    scoring.add_argument("--tasks", default=",".join(DEFAULT_EVAL_TASKS), help="comma-separated task names")
+    scoring.add_argument("--limit", type=int, default=defaults.limit, help="items per task")
+    scoring.add_argument("--heldout-chars", type=int, default=defaults.heldout_chars)
+    scoring.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    scoring.add_argument("--mera-dir", help="folder of MERA .jsonl files (mc_ruworldtree, mera_arith)")
+    scoring.set_defaults(handler=evaluate_model)
+
     tokenizer = commands.add_parser("tokenizer", help="tokenizer utilities")
     tokenizer_cmds = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     stats = tokenizer_cmds.add_parser("stats", help="chars per token of a tokenizer on a corpus")
@@ -165,3 +188,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     lep.add_argument("--lora-scale", type=float, default=1.0, help="scale of the merged LoRA delta")
     lep.add_argument("--out", required=True)
     lep.set_defaults(handler=propagate)
+
+
+def evaluate_model(args: argparse.Namespace) -> None:
+    """Score any model exactly as jobs score theirs: one JSON line per score row."""
+    config = EvaluationConfig(
+        tasks=args.tasks.split(","),
+        limit=args.limit,
+        heldout_chars=args.heldout_chars,
+        batch_size=args.batch_size,
+        mera_dir=args.mera_dir,
+    )
+    device = compute_device()
+    model, tokenizer = load_model(args.model, device=device, dtype=inference_dtype(device))
+    data = EvalData(
+        target_texts=tuple(require_documents(args.heldout, limit_chars=config.heldout_chars)),
+        source_texts=tuple(require_documents(args.source_heldout, limit_chars=config.heldout_chars))
+        if args.source_heldout
+        else (),
+        mera_dir=config.mera_dir,
+    )
+    for row in evaluate(model, tokenizer, config.tasks, data, limit=config.limit, batch_size=config.batch_size):
+        _emit({"model": args.model, **row.to_dict()})

@@ -37,6 +37,7 @@ class JobRequest(JobSettings):
             "eval_file": self.eval_file,
             "source_eval_file": self.source_eval_file,
             "vocab.source_corpus": self.vocab.source_corpus,
+            "cpt.source_corpus": self.cpt.source_corpus,
             "calibration.prompt_file": self.calibration.prompt_file,
         }
         return {name: value for name, value in fields.items() if value is not None}
@@ -59,7 +60,7 @@ class JobRequest(JobSettings):
         data["heldout"] = heldout
         data["source_heldout"] = files.get("source_eval_file")
         data["evaluation"]["mera_dir"] = mera_dir
-        for section, name in (("vocab", "source_corpus"), ("calibration", "prompt_file")):
+        for section, name in (("vocab", "source_corpus"), ("cpt", "source_corpus"), ("calibration", "prompt_file")):
             if f"{section}.{name}" in files:
                 data[section][name] = files[f"{section}.{name}"]
         return AdaptationSpec.model_validate(data)

@@ -12,7 +12,7 @@ own, so the calibration pulls I' towards I's behaviour, not towards a third mode
   Answers are then filtered, each dropped one counted under its first failing reason:
   `empty`; `truncated` (hit `max_new_tokens` without an end token: a cut answer teaches the model not to stop);
   `repetition` (degenerate loops: the share of repeated character n-grams is above `max_repeat_ratio`);
-  `wrong_language` (the share of the answer's letters in the corpus's dominant script is below
+  `wrong_language` (the share of the answer's letters in the corpus's dominant script (`scripts.py`) is below
   `min_script_ratio` x that share in the corpus; answers without letters are not judged). Scripts come from the
   Unicode character names (CYRILLIC, LATIN, GREEK, ARABIC, CJK, ...), so the check works for any target language
   and knows nothing about Russian in particular. Character n-grams, not words, for the same reason: scripts
@@ -35,11 +35,8 @@ import json
 import os
 import random
 import time
-import unicodedata
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -50,6 +47,7 @@ from langadapt.core.adaptation.corpus import require_documents
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.evaluate.darucopy import copy_documents
 from langadapt.core.adaptation.evaluate.generation import greedy_generations, has_chat_template, prompt_ids
+from langadapt.core.adaptation.scripts import ScriptProfile, script_profile, script_share
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 Example = dict[str, list[dict[str, str]]]
@@ -114,51 +112,6 @@ class CalibrationStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ---- scripts ----
-
-
-@dataclass(frozen=True)
-class ScriptProfile:
-    script: str
-    share: float
-
-
-@lru_cache(maxsize=65536)
-def char_script(ch: str) -> str | None:
-    """The script of a letter as the first word of its Unicode name (CYRILLIC, LATIN, CJK, ...); None otherwise."""
-    if not ch.isalpha():
-        return None
-    name = unicodedata.name(ch, "")
-    return name.split(" ", 1)[0] if name else "UNKNOWN"
-
-
-def script_counts(texts: Iterable[str]) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    for text in texts:
-        for ch, n in Counter(text).items():
-            script = char_script(ch)
-            if script is not None:
-                counts[script] += n
-    return counts
-
-
-def script_profile(texts: Iterable[str]) -> ScriptProfile:
-    """The dominant script of `texts` and the share of their letters written in it."""
-    counts = script_counts(texts)
-    total = sum(counts.values())
-    if not total:
-        raise AdaptationInputError("the corpus has no letters: cannot tell its script")
-    script, n = counts.most_common(1)[0]
-    return ScriptProfile(script, n / total)
-
-
-def script_share(text: str, script: str) -> float | None:
-    """The share of the letters of `text` in `script`; None when it has no letters."""
-    counts = script_counts([text])
-    total = sum(counts.values())
-    return counts[script] / total if total else None
 
 
 # ---- filters ----
@@ -510,7 +463,6 @@ __all__ = [
     "SELF_CALIBRATION_TEMPLATES",
     "Answer",
     "CalibrationStats",
-    "ScriptProfile",
     "answer_problem",
     "build_calibration_set",
     "cached_answers",
@@ -524,7 +476,5 @@ __all__ = [
     "read_prompt_file",
     "repeated_ngram_ratio",
     "save_examples",
-    "script_profile",
-    "script_share",
     "self_calibration_prompts",
 ]

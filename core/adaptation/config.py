@@ -18,17 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from langadapt.core.adaptation.task_names import AVERAGED_TASKS, MICRO_AVG, TaskName
 
 VocabMethod = Literal["bpe", "unigram", "extended", "optimized"]
-Priority = Literal["new-first", "old-first"]
+Priority = Literal["new-first", "old-first", "target-first"]
 KeepBy = Literal["frequency", "first-ids"]
 InitMethod = Literal["mean", "random"]
 CPTTrainable = Literal["embeddings", "embeddings+head", "lora+head", "full"]
+TrainRows = Literal["all", "new"]
 SFTTrainable = Literal["lora+head", "full"]
 Variant = Literal["swap", "overlap", "conversion"]
 CalibrationMethod = Literal["none", "self+copy"]
 
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 CPT_TRAINABLE: tuple[CPTTrainable, ...] = get_args(CPTTrainable)
-DEFAULT_EVAL_TASKS: tuple[TaskName, ...] = ("symbols_per_token", "bits_per_char", "copy_ru")
+DEFAULT_EVAL_TASKS: tuple[TaskName, ...] = ("symbols_per_token", "bits_per_char", "copy_ru", "generation_speed")
 
 
 class SpecConflict(ValueError):
@@ -67,7 +68,12 @@ class VocabConfig(Config):
     keep_by: KeepBy = Field(
         "frequency", description="optimized: most frequent tokens, or the first ids (authors' code)"
     )
-    priority: Priority = Field("new-first", description="extended / optimized: do new merges outrank the old ones")
+    priority: Priority = Field(
+        "target-first",
+        description="extended / optimized: new-first (the paper) runs the new merges before the old ones, old-first "
+        "after them; target-first runs the new merges that produce the target script (measured on the corpus) "
+        "first and the other new ones after the old, so source-language text keeps its tokenization",
+    )
     train_chars: int | None = Field(None, gt=0, description="corpus characters to train on (default: all)")
     heldout_chars: int = Field(
         200_000,
@@ -108,11 +114,21 @@ class InitConfig(Config):
     seed: int = 0
 
 
+class LRScale(Config):
+    """Multipliers of the learning rate per parameter group (differential learning rates). In a tied model the
+    one vocabulary matrix is `embeddings`."""
+
+    embeddings: float = Field(1.0, gt=0)
+    head: float = Field(1.0, gt=0)
+    layers: float = Field(1.0, gt=0, description="transformer layers: LoRA adapters (lora+head) or weights (full)")
+
+
 class TrainingConfig(Config):
     """Optimiser, schedule and LoRA settings shared by CPT and SFT: AdamW (decay on matrices only), linear warm-up
     then cosine decay to `lr x min_lr_ratio`, global-norm clipping."""
 
     lr: float = Field(gt=0)
+    lr_scale: LRScale = Field(default_factory=LRScale, description="lr multipliers per parameter group")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -144,7 +160,7 @@ class CPTConfig(TrainingConfig):
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch (per process)")
     grad_accum: int = Field(32, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(  # type: ignore[assignment]  # None only until `_default_warmup` fills it in
+    warmup_steps: int = Field(  # type: ignore[assignment]  # None only until `_derived_defaults` fills it in
         None, ge=0, description="linear warm-up steps (default: 10 % of steps, at most 100)"
     )
     checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
@@ -152,24 +168,50 @@ class CPTConfig(TrainingConfig):
     lora_r: int = Field(16, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
     compile: bool = Field(False, description="run the model through torch.compile")
+    # When not given: a job spec picks it from its vocabulary method (new for extended / optimized, which keep the
+    # source's rows; all for bpe / unigram, which replace them); a CPT config on its own trains all rows.
+    train_rows: TrainRows = Field(
+        None,  # type: ignore[arg-type]  # None only until `_derived_defaults` or the job spec fills it in
+        description="all: every row of the embeddings and head learns; new: only the rows of tokens the source "
+        "vocabulary lacks (old rows stay bit-identical, so the source language keeps its representations); "
+        "default: new for extended / optimized vocabularies, all for bpe / unigram",
+    )
+    source_mix: float = Field(
+        0.0, ge=0, le=0.5, description="share of CPT tokens replayed from source-language text (source_corpus)"
+    )
+    source_corpus: str | None = Field(
+        None, description="source-language text replayed during CPT: a path; a file id in the API"
+    )
 
     @model_validator(mode="before")
     @classmethod
-    def _default_warmup(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("warmup_steps") is None:
+    def _derived_defaults(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        if data.get("warmup_steps") is None:
             steps = data.get("steps", cls.model_fields["steps"].default)
             if isinstance(steps, int) and not isinstance(steps, bool):
                 data = {**data, "warmup_steps": min(100, steps // 10)}
+        if data.get("train_rows") is None:  # on its own; a job spec decides from its vocabulary method first
+            data = {**data, "train_rows": "all"}
         return data
 
     @model_validator(mode="after")
-    def _warmup_inside_the_run(self) -> CPTConfig:
+    def _consistent(self) -> CPTConfig:
         if self.warmup_steps >= self.steps:
             raise SpecConflict(
                 "warmup_steps",
                 f"cpt.warmup_steps ({self.warmup_steps}) must be below cpt.steps ({self.steps}): "
                 "the learning rate would never leave warm-up",
             )
+        if self.source_mix > 0 and self.source_corpus is None:
+            raise SpecConflict("source_corpus", "cpt.source_mix needs cpt.source_corpus (source-language text)")
+        if self.source_corpus is not None and self.source_mix == 0:
+            raise SpecConflict("source_mix", "cpt.source_corpus is only read with a cpt.source_mix above 0")
+        unused = {"layers": self.trainable in ("embeddings", "embeddings+head"), "head": self.trainable == "embeddings"}
+        for group in self.lr_scale.changed_fields():
+            if unused.get(group):
+                raise SpecConflict(f"lr_scale.{group}", f"cpt.trainable '{self.trainable}' does not train {group}")
         return self
 
     def tokens_per_step(self, num_processes: int = 1) -> int:

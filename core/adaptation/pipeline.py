@@ -2,10 +2,14 @@
 
     tokenizer -> init -> cpt -> propagate:<variant>... -> [calibration-data -> calibrate:<variant>...] -> evaluate
 
+Without an instruct model the base is adapted alone, and calibration (when asked for) calibrates the CPT output
+itself: `cpt -> calibration-data -> calibrate -> evaluate`, the answers coming from the original base (an instruct
+model adapted directly).
+
 Each stage writes into `<run_dir>/<stage>/` through a temporary directory renamed into place, then a manifest
 (sha256 and size per file). A stage whose directory is complete is skipped, so re-running a spec over the same run
 directory resumes where it stopped; CPT additionally resumes from its last step checkpoint, kept outside its stage
-directory (`rundir.py` names every path). Without an instruct model the job adapts the base model alone.
+directory (`rundir.py` names every path).
 
 Each stage reads its one configuration object from the spec (`config.py`) and reports typed events (`events.py`).
 Models run on `device.compute_device()`: forward-only stages (calibration answers, evaluation) in
@@ -28,6 +32,7 @@ from langadapt.core.adaptation.corpus import iter_documents, require_documents
 from langadapt.core.adaptation.device import compute_device, inference_dtype
 from langadapt.core.adaptation.errors import AdaptationInputError, StageCancelled
 from langadapt.core.adaptation.evaluate import EvalData, evaluate
+from langadapt.core.adaptation.evaluate.generation import has_chat_template
 from langadapt.core.adaptation.events import (
     EventSink,
     Message,
@@ -39,7 +44,14 @@ from langadapt.core.adaptation.events import (
 )
 from langadapt.core.adaptation.manifest import is_complete, read_manifest, write_manifest
 from langadapt.core.adaptation.propagate import propagate_saved
-from langadapt.core.adaptation.rundir import CPT_WORK, LORA_ADAPTER, STAGE_INFO, stage_dirname
+from langadapt.core.adaptation.rundir import (
+    CALIBRATION_CACHE,
+    CPT_WORK,
+    LORA_ADAPTER,
+    NEW_TOKENS,
+    STAGE_INFO,
+    stage_dirname,
+)
 from langadapt.core.adaptation.sources import load_model, load_tokenizer, resolve, save_pretrained
 from langadapt.core.adaptation.spec import AdaptationSpec
 from langadapt.core.adaptation.surgery import change_vocabulary
@@ -111,6 +123,8 @@ def _init_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     mapping = change_vocabulary(model, tokenizer, new_tokenizer, ctx.spec.init)
     meter(2, phase="save")
     save_pretrained(model, new_tokenizer, out)
+    with open(os.path.join(out, NEW_TOKENS), "w", encoding="utf-8") as handle:
+        json.dump(mapping.new_ids, handle)
     meter(3, phase="saved")
     return {"copied_tokens": len(mapping.overlap), "initialised_tokens": len(mapping.new_ids)}
 
@@ -118,6 +132,8 @@ def _init_stage(ctx: RunContext, out: str) -> dict[str, Any]:
 def _cpt_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     """Continued pretraining of the initialised model; its step checkpoints live in `cpt.work/` across runs."""
     model, tokenizer = load_model(ctx.path("init"))
+    with open(os.path.join(ctx.path("init"), NEW_TOKENS), encoding="utf-8") as handle:
+        new_rows = json.load(handle)
     work = ctx.path(CPT_WORK)
     meter = ctx.meter("cpt", ctx.spec.cpt.steps, "steps", interval_s=0)  # the loop reports every log_every steps
     result = run_cpt(
@@ -126,6 +142,7 @@ def _cpt_stage(ctx: RunContext, out: str) -> dict[str, Any]:
         ctx.spec.corpus,
         ctx.spec.cpt,
         work,
+        new_rows=new_rows,
         resume=True,
         progress=_steps_to(meter),
         should_cancel=ctx.should_cancel,
@@ -169,9 +186,8 @@ CALIBRATION_EXAMPLES = "examples.jsonl"
 
 def _calibration_data_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     """Self-calibration answers of the original instruct model (cached across runs) plus copy examples."""
-    assert ctx.spec.instruct_model is not None
     device = compute_device()
-    instruct, instruct_tokenizer = load_model(ctx.spec.instruct_model, device=device, dtype=inference_dtype(device))
+    instruct, instruct_tokenizer = load_model(answering_model(ctx.spec), device=device, dtype=inference_dtype(device))
     meter = ctx.meter("calibration-data", None, "answers")
 
     def answered(data: dict[str, Any]) -> None:
@@ -183,7 +199,7 @@ def _calibration_data_stage(ctx: RunContext, out: str) -> dict[str, Any]:
         instruct_tokenizer,
         ctx.spec.corpus,
         ctx.spec.calibration,
-        ctx.path("calibration.cache.jsonl"),
+        ctx.path(CALIBRATION_CACHE),
         progress=answered,
         should_cancel=ctx.should_cancel,
     )
@@ -193,12 +209,18 @@ def _calibration_data_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     return asdict(stats)
 
 
-def _calibrate_stage(variant: str) -> Callable[[RunContext, str], dict[str, Any]]:
+def answering_model(spec: AdaptationSpec) -> str:
+    """The original model whose own answers calibrate: I, or the base itself when it is adapted directly."""
+    return spec.instruct_model or spec.base_model
+
+
+def _calibrate_stage(stage: str, adapted: str) -> Callable[[RunContext, str], dict[str, Any]]:
+    """SFT of the adapted model of stage `adapted` (a propagated I', or the CPT output) on the calibration set."""
+
     def run(ctx: RunContext, out: str) -> dict[str, Any]:
-        stage = f"calibrate:{variant}"
         with open(os.path.join(ctx.path("calibration-data"), CALIBRATION_EXAMPLES), encoding="utf-8") as handle:
             examples = [json.loads(line) for line in handle]
-        model, tokenizer = load_model(ctx.path(f"propagate:{variant}"))
+        model, tokenizer = load_model(ctx.path(adapted))
         meter = ctx.meter(stage, None, "steps", interval_s=0)
         result = run_sft(
             model,
@@ -227,7 +249,10 @@ def models_to_evaluate(ctx: RunContext) -> dict[str, str]:
     """Model label -> spec: the original and every adapted model the run produced."""
     spec = ctx.spec
     if spec.instruct_model is None:
-        return {"original": spec.base_model, "adapted": ctx.path("cpt")}
+        models = {"original": spec.base_model, "adapted": ctx.path("cpt")}
+        if spec.calibration.method != "none":
+            models["calibrated"] = ctx.path("calibrate")
+        return models
     models = {"original": spec.instruct_model}
     models.update({f"propagated:{v}": ctx.path(f"propagate:{v}") for v in spec.variants})
     if spec.calibration.method != "none":
@@ -285,7 +310,12 @@ def stages(spec: AdaptationSpec) -> list[Stage]:
     graph += [Stage(f"propagate:{v}", _propagate_stage(v)) for v in spec.variants]
     if spec.calibration.method != "none":
         graph.append(Stage("calibration-data", _calibration_data_stage))
-        graph += [Stage(f"calibrate:{v}", _calibrate_stage(v)) for v in spec.variants]
+        if spec.instruct_model is None:
+            graph.append(Stage("calibrate", _calibrate_stage("calibrate", "cpt")))
+        else:
+            graph += [
+                Stage(f"calibrate:{v}", _calibrate_stage(f"calibrate:{v}", f"propagate:{v}")) for v in spec.variants
+            ]
     graph.append(Stage("evaluate", _evaluate_stage))
     return graph
 
@@ -297,9 +327,14 @@ def _check_inputs(spec: AdaptationSpec) -> None:
             resolve(model)
     next(require_documents(spec.corpus))
     next(require_documents(spec.heldout))
-    for extra in (spec.source_heldout, spec.vocab.source_corpus):
+    for extra in (spec.source_heldout, spec.vocab.source_corpus, spec.cpt.source_corpus):
         if extra is not None:
             next(require_documents(extra))
+    if spec.calibration.method != "none" and not has_chat_template(load_tokenizer(answering_model(spec))):
+        raise AdaptationInputError(
+            f"calibration trains on chat examples, but {answering_model(spec)} has no chat template "
+            "(calibrate an instruct model, or set calibration.method to none)"
+        )
     prompts = spec.calibration.prompt_file
     if prompts is not None and not os.path.isfile(prompts):
         raise AdaptationInputError(f"calibration.prompt_file not found: {prompts}")

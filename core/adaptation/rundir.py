@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 STAGE_INFO = "stage.json"
 LORA_ADAPTER = "lora_adapter"  # inside the cpt stage: the layers' delta of `lora+head`, merged into I by LEP
+NEW_TOKENS = "new_token_ids.json"  # inside the init stage: ids of the tokens the source vocabulary lacks
 CPT_WORK = "cpt.work"
 CALIBRATION_CACHE = "calibration.cache.jsonl"
 

@@ -69,18 +69,28 @@ class JobSettings(Config):
 
     @model_validator(mode="before")
     @classmethod
-    def _propagation_with_an_instruct_model(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("instruct_model") is not None and data.get("propagation") is None:
-            data = {**data, "propagation": {}}  # written out, so a stored request shows the settings it ran with
+    def _defaults_that_depend_on_other_stages(cls, data: object) -> object:
+        """Written out, so a stored request shows the settings it ran with: LEP's settings when there is an
+        instruct model, and which embedding rows CPT trains (the new ones when the vocabulary keeps the old)."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("instruct_model") is not None and data.get("propagation") is None:
+            data = {**data, "propagation": {}}
+        cpt, vocab = data.get("cpt", {}), data.get("vocab", {})
+        if isinstance(cpt, dict) and isinstance(vocab, dict) and cpt.get("train_rows") is None:
+            replacing = vocab.get("method") in ("bpe", "unigram")
+            data = {**data, "cpt": {**cpt, "train_rows": "all" if replacing else "new"}}
         return data
 
     @model_validator(mode="after")
     def _stages_fit_together(self) -> JobSettings:
-        if self.instruct_model is None:
-            if self.propagation is not None:
-                raise SpecConflict("propagation", "propagation needs an instruct_model to propagate into")
-            if self.calibration.method != "none":
-                raise SpecConflict("calibration.method", "calibration needs an instruct_model")
+        if self.instruct_model is None and self.propagation is not None:
+            raise SpecConflict("propagation", "propagation needs an instruct_model to propagate into")
+        if self.cpt.train_rows == "new" and self.vocab.method in ("bpe", "unigram"):
+            raise SpecConflict(
+                "cpt.train_rows",
+                f"cpt.train_rows 'new' keeps the source's rows, but vocab.method '{self.vocab.method}' replaces them",
+            )
         source_tasks = sorted(SOURCE_TASKS.intersection(self.evaluation.tasks))
         if source_tasks and getattr(self, self.source_heldout_field) is None:
             raise SpecConflict(

@@ -12,6 +12,7 @@ TaskName = Literal[
     "copy_en",
     "mc_ruworldtree",
     "mera_arith",
+    "generation_speed",
     "micro_avg",
 ]
 TASK_NAMES: tuple[str, ...] = get_args(TaskName)

@@ -22,13 +22,12 @@ from langadapt.core.adaptation.calibration import (
     copy_examples,
     read_prompt_file,
     repeated_ngram_ratio,
-    script_profile,
-    script_share,
     self_calibration_prompts,
 )
 from langadapt.core.adaptation.config import CalibrationConfig
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.evaluate.generation import prompt_ids
+from langadapt.core.adaptation.scripts import script_profile, script_share
 from langadapt.core.adaptation.train.sft import IGNORE_INDEX, SFTConfig, encode_chat, lora_layer_indices, run_sft
 
 EXAMPLES = [

@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedToken
 
 from langadapt.core.adaptation.config import CPTConfig
 from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.train.common import adamw, apply_trainable, base_lr, trainable_parameters
 from langadapt.core.adaptation.train.cpt import latest_checkpoint, run_cpt
-from langadapt.core.adaptation.train.packing import DataPosition, PackedBlocks
+from langadapt.core.adaptation.train.packing import DataPosition, MixedBlocks, PackedBlocks, StreamPosition
 
 SEQ = 32
 
@@ -127,6 +128,10 @@ def _take(blocks: PackedBlocks, n: int) -> list:
         {"keep_checkpoints": 0},
         {"steps": 20, "warmup_steps": 100},
         {"steps": 5, "warmup_steps": 5},
+        {"source_mix": 0.6, "source_corpus": "en.txt"},
+        {"source_mix": 0.1},
+        {"source_corpus": "en.txt"},
+        {"train_rows": "some"},
     ],
 )
 def test_invalid_config_is_refused(overrides: dict[str, Any]) -> None:
@@ -226,7 +231,7 @@ def test_output_layout(thirty_steps, tok: PreTrainedTokenizerFast) -> None:
     ]
     assert list(load_file(str(ckpt / "trainable.safetensors"))) == ["model.embed_tokens.weight"]  # tied: one matrix
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["step"] == 30 and state["position"]["document"] > 0
+    assert state["step"] == 30 and state["position"]["target"]["document"] > 0 and state["position"]["blocks"] == 120
     saved = AutoModelForCausalLM.from_pretrained(result.model_dir)
     for name, tensor in model.state_dict().items():
         assert torch.equal(saved.state_dict()[name], tensor), name
@@ -336,3 +341,104 @@ def test_a_failing_run_leaves_the_model_as_it_came(tmp_path: Path, tiny_model, t
         run_cpt(model, tok, corpus, config(trainable="lora+head"), str(tmp_path / "run"), progress=progress)
     assert list(model.state_dict()) == names  # no LoRA layers left behind
     assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+# ---- keeping what the model knew: row control, source replay, per-group learning rates ----
+
+NEW_ROWS = list(range(900, 1000))  # stand-ins for the tokens the source vocabulary lacks
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("trainable", ["embeddings", "embeddings+head", "lora+head", "full"])
+def test_train_rows_new_keeps_every_old_row_bit_identical(
+    tmp_path: Path, tiny_model, tok, corpus: str, trainable: str, tied: bool
+) -> None:
+    model = tiny_model(len(tok), tied=tied)
+    before = snapshot(model)
+    cfg = config(trainable=trainable, train_rows="new", steps=3, lr=5e-2)
+    run_cpt(model, tok, corpus, cfg, str(tmp_path / "run"), new_rows=NEW_ROWS)
+    after = model.state_dict()
+    old = torch.ones(len(tok), dtype=torch.bool)
+    old[NEW_ROWS] = False
+    matrices = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
+    for name in matrices:
+        assert torch.equal(after[name][old], before[name][old]), name  # bit-identical
+    assert not torch.equal(after["model.embed_tokens.weight"][NEW_ROWS], before["model.embed_tokens.weight"][NEW_ROWS])
+    if not tied and trainable != "embeddings":
+        assert not torch.equal(after["lm_head.weight"][NEW_ROWS], before["lm_head.weight"][NEW_ROWS])
+    if trainable in ("lora+head", "full"):  # the layers still learn
+        assert not torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_train_rows_new_needs_the_new_rows(tmp_path: Path, tiny_model, tok, corpus: str) -> None:
+    with pytest.raises(AdaptationInputError, match="new tokens"):
+        run_cpt(tiny_model(len(tok)), tok, corpus, config(train_rows="new"), str(tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def english_corpus(tmp_path_factory: pytest.TempPathFactory, en_texts: list[str]) -> str:
+    path = tmp_path_factory.mktemp("replay") / "en.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in en_texts[:200]), encoding="utf-8")
+    return str(path)
+
+
+def test_replay_mixes_the_source_share_exactly_and_resumes_both_streams(tok, corpus, english_corpus) -> None:
+    stream = MixedBlocks(tok, corpus, SEQ, source_path=english_corpus, mix=0.1)
+    items = _take(stream, 1000)
+    english = PackedBlocks(tok, english_corpus, SEQ)
+    source_blocks = {tuple(block) for block, _ in _take(english, 100)}
+    from_source = sum(tuple(block) in source_blocks for block, _ in items)
+    assert from_source == 100  # exactly a tenth of the tokens over the run (every block has SEQ tokens)
+    for n in (10, 100, 537):  # within one block of the share over any prefix
+        assert abs(sum(stream.is_source(i) for i in range(n)) - 0.1 * n) <= 1
+    for k in (0, 9, 10, 123):  # resuming from any position gives the blocks an uninterrupted stream gives
+        resumed = _take(MixedBlocks(tok, corpus, SEQ, source_path=english_corpus, mix=0.1, start=items[k][1]), 12)
+        for (a, pa), (b, pb) in zip(resumed, items[k + 1 : k + 13], strict=True):
+            assert a.tolist() == b.tolist() and pa == pb
+    assert items[-1][1].source.document > 0 and items[-1][1].target.document > 0
+    assert StreamPosition.from_dict(json.loads(json.dumps(items[-1][1].to_dict()))) == items[-1][1]
+
+
+def test_replayed_run_resumes_exactly(tmp_path: Path, tiny_model, tok, corpus, english_corpus) -> None:
+    initial = tiny_model(len(tok), tied=False)
+    cfg = config(steps=6, checkpoint_every=2, warmup_steps=2, source_mix=0.25, source_corpus=english_corpus)
+    straight = copy.deepcopy(initial)
+    run_cpt(straight, tok, corpus, cfg, str(tmp_path / "straight"))
+    interrupted = copy.deepcopy(initial)
+    polls: list[None] = []
+    first = run_cpt(
+        interrupted,
+        tok,
+        corpus,
+        cfg,
+        str(tmp_path / "resumed"),
+        should_cancel=lambda: polls.append(None) or len(polls) == 3,
+    )
+    assert first.cancelled and first.steps == 3
+    resumed = copy.deepcopy(initial)
+    moved = tmp_path / "elsewhere.jsonl"  # a retry on another machine finds the source text at another path
+    moved.write_bytes(Path(english_corpus).read_bytes())
+    run_cpt(
+        resumed,
+        tok,
+        corpus,
+        cfg.model_copy(update={"source_corpus": str(moved)}),
+        str(tmp_path / "resumed"),
+        resume=True,
+    )
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
+def test_learning_rates_per_group(tiny_model, tok) -> None:
+    model = tiny_model(len(tok), tied=False)
+    cfg = config(trainable="full", lr=1e-3, lr_scale={"embeddings": 2.0, "head": 0.5, "layers": 0.1})
+    params = trainable_parameters(apply_trainable(model, cfg.trainable, cfg))
+    optimizer = adamw(params, cfg, model=model, fused=False)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert lr_of[id(model.model.embed_tokens.weight)] == pytest.approx(2e-3)
+    assert lr_of[id(model.lm_head.weight)] == pytest.approx(5e-4)
+    assert lr_of[id(model.model.layers[0].mlp.up_proj.weight)] == pytest.approx(1e-4)
+    assert base_lr(optimizer) == pytest.approx(1e-3)
+    with pytest.raises(ValidationError, match="does not train layers"):
+        config(trainable="embeddings+head", lr_scale={"layers": 0.5})

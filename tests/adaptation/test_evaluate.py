@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from langadapt.core.adaptation.evaluate.darucopy import (
     exact_match,
 )
 from langadapt.core.adaptation.evaluate.generation import greedy_generate, prompt_ids
+from langadapt.core.adaptation.evaluate.generation_speed import generation_speed
 from langadapt.core.adaptation.evaluate.mc_ruworldtree import continuation_logprobs, mc_ruworldtree, question_prompt
 from langadapt.core.adaptation.evaluate.mera_arith import mera_arith, numbers_match, parse_number
 from langadapt.core.adaptation.evaluate.symbols_per_token import symbols_per_token
@@ -78,7 +80,15 @@ def test_score_row_is_frozen_and_serialises():
 
 
 def test_registry_names():
-    assert set(TASKS) == {"symbols_per_token", "bits_per_char", "copy_ru", "copy_en", "mc_ruworldtree", "mera_arith"}
+    assert set(TASKS) == {
+        "symbols_per_token",
+        "bits_per_char",
+        "copy_ru",
+        "copy_en",
+        "mc_ruworldtree",
+        "mera_arith",
+        "generation_speed",
+    }
     assert TASK_NAMES[-1] == "micro_avg"
 
 
@@ -207,6 +217,35 @@ def test_copy_tasks_run_on_a_tiny_model_within_limit(model, tokenizer):
         assert rows[0].n == rows[1].n == (3 if task == "copy_ru" else 2)
         assert rows[0].value == 0.0  # a random model does not copy
         assert 0.0 <= rows[1].value < 1.0
+
+
+def test_generation_speed_runs_every_model_the_same_number_of_steps(model, tokenizer, monkeypatch):
+    generation_speed_module = sys.modules[generation_speed.__module__]  # the package re-exports the function
+    data = EvalData(target_texts=[text * 3 for text in RU_SENTENCES])
+    lengths: list[int] = []
+    real = generation_speed_module.greedy_generations
+
+    def counting(*args, **kwargs):
+        outputs = real(*args, **kwargs)
+        if kwargs.get("fixed_length"):
+            lengths.extend(len(tokenizer.encode(o.text, add_special_tokens=False)) > 0 for o in outputs)
+        return outputs
+
+    monkeypatch.setattr(generation_speed_module, "greedy_generations", counting)
+    progress: list[tuple[int, int]] = []
+    rows = generation_speed(
+        model, tokenizer, data, limit=3, progress=lambda done, total: progress.append((done, total))
+    )
+    metrics = {row.metric: row for row in rows}
+    assert list(metrics) == ["chars_per_step", "chars_per_s_batch1", "chars_per_s_batch8"]
+    assert all(row.n == 3 and row.value > 0 for row in rows)
+    assert progress == [(1, 2), (2, 2)] and len(lengths) == 6  # 3 prompts, at batch 1 and at batch 8
+    # every prompt ran exactly NEW_TOKENS steps: end tokens are suppressed until the budget is spent
+    ids = [tokenizer.encode(text[: generation_speed_module.PROMPT_CHARS]) for text in data.target_texts[:3]]
+    outputs = generation_speed_module.greedy_generations(
+        model, tokenizer, ids, [generation_speed_module.NEW_TOKENS] * 3, batch_size=3, fixed_length=True
+    )
+    assert all(not output.finished for output in outputs)
 
 
 # --- multiple choice -----------------------------------------------------------------------------------------------

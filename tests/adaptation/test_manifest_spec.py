@@ -33,7 +33,8 @@ def test_spec_defaults_follow_the_paper() -> None:
     assert spec.vocab.method == "extended" and spec.init.method == "mean"
     assert spec.cpt.trainable == "embeddings+head" and spec.cpt.lr == 1e-4 and spec.cpt.warmup_steps == 100
     assert spec.cpt.weight_decay == 0.1 and spec.propagation is None and spec.variants == []
-    assert spec.evaluation.tasks == ["symbols_per_token", "bits_per_char", "copy_ru"] and spec.evaluation.limit == 50
+    assert spec.evaluation.tasks == ["symbols_per_token", "bits_per_char", "copy_ru", "generation_speed"]
+    assert spec.evaluation.limit == 50
     both = AdaptationSpec.model_validate(
         {**minimal, "instruct_model": "i", "propagation": {"variant": ["swap", "overlap", "swap"]}}
     )
@@ -53,7 +54,13 @@ def test_spec_defaults_follow_the_paper() -> None:
         ("base_model: b\ncorpus: c\nheldout: h\ncpt: {steps: 20, warmup_steps: 100}\n", "cpt.warmup_steps"),
         ("base_model: b\ncorpus: c\nheldout: h\ncpt: {steps: 0}\n", "cpt.steps"),
         ("base_model: b\ncorpus: c\nheldout: h\npropagation: {variant: swap}\n", "propagation: .*instruct_model"),
-        ("base_model: b\ncorpus: c\nheldout: h\ncalibration: {method: self+copy}\n", "calibration.method"),
+        ("base_model: b\ncorpus: c\nheldout: h\ncalibration: {language: en}\n", "calibration.language: .*no effect"),
+        (
+            "base_model: b\ncorpus: c\nheldout: h\nvocab: {method: bpe, vocab_size: 900}\ncpt: {train_rows: new}\n",
+            "cpt.train_rows",
+        ),
+        ("base_model: b\ncorpus: c\nheldout: h\ncpt: {source_mix: 0.1}\n", "cpt.source_corpus"),
+        ("base_model: b\ncorpus: c\nheldout: h\ncpt: {source_mix: 0.7, source_corpus: en.txt}\n", "cpt.source_mix"),
         ("base_model: b\ncorpus: c\nheldout: h\nevaluation: {tasks: [copy_en]}\n", "evaluation.tasks: .*source"),
         ("base_model: b\ncorpus: c\nheldout: h\nevaluation: {tasks: [copy_ru, copy_ru]}\n", "twice"),
         ("base_model: b\ncorpus: c\nheldout: h\nevaluation: {tasks: [micro_avg, bits_per_char]}\n", "micro_avg"),

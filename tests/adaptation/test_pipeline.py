@@ -12,7 +12,7 @@ import yaml
 
 from langadapt.cli.main import main
 from langadapt.core.adaptation import pipeline
-from langadapt.core.adaptation.errors import StageCancelled
+from langadapt.core.adaptation.errors import AdaptationInputError, StageCancelled
 from langadapt.core.adaptation.events import Event, Progress, StageDone, StageSkipped, StageStarted
 from langadapt.core.adaptation.manifest import is_complete
 from langadapt.core.adaptation.pipeline import run_pipeline
@@ -240,3 +240,52 @@ def test_forward_only_stages_load_their_models_on_the_compute_device(monkeypatch
     evaluated = {str(tmp_path / "run" / name) for name in ("propagate-swap", "calibrate-swap")} | {models["instruct"]}
     assert evaluated <= {spec for spec, _ in forward_only}
     assert all(dtype == torch.float32 for _, _, dtype in placed)  # the CPU's inference dtype
+
+
+def test_an_instruct_model_adapted_directly_is_calibrated(tmp_path, models, ru_corpus) -> None:
+    """No separate instruct model: CPT keeps the old rows, and calibration trains the CPT output on the base's own
+    answers (the base is the instruct model being adapted)."""
+    spec = _spec(
+        models,
+        ru_corpus,
+        instruct=False,
+        cpt={"steps": 2, "seq_len": 32, "batch_size": 2, "grad_accum": 1, "lr": 1e-2, "train_rows": "new"},
+        calibration={
+            "method": "self+copy",
+            "self_calibration_examples": 3,
+            "copy_examples": 2,
+            "max_new_tokens": 8,
+            "passage_max_chars": 60,
+            "passage_min_chars": 20,
+            "sft": {"batch_size": 2, "grad_accum": 1, "max_len": 160, "lr": 1e-3},
+        },
+        evaluation={"tasks": ["bits_per_char"], "limit": 1, "heldout_chars": 500},
+    )
+    report = run_pipeline(spec, str(tmp_path / "run"))
+    names = [s["stage"] for s in report.stages]
+    assert names == ["tokenizer", "init", "cpt", "calibration-data", "calibrate", "evaluate"]
+    assert {r["model"] for r in report.scores} == {"original", "adapted", "calibrated"}
+    initialised = load_model(str(tmp_path / "run" / "init"))[0].get_input_embeddings().weight
+    trained = load_model(str(tmp_path / "run" / "cpt"))[0].get_input_embeddings().weight
+    new = json.loads((tmp_path / "run" / "init" / "new_token_ids.json").read_text())
+    old = torch.ones(len(initialised), dtype=torch.bool)
+    old[new] = False
+    assert len(new) > 100 and torch.equal(trained[old], initialised[old])  # cpt.train_rows: new
+    assert not torch.equal(trained[new], initialised[new])
+    calibrated = load_model(str(tmp_path / "run" / "calibrate"))[0].get_input_embeddings().weight
+    assert not torch.equal(calibrated, trained)
+
+
+def test_calibration_needs_a_chat_template(tmp_path, models, ru_corpus, tiny_model, english_byte_level_tokenizer):
+    plain = english_byte_level_tokenizer.__class__(tokenizer_object=english_byte_level_tokenizer.backend_tokenizer)
+    plain.eos_token = "<|im_end|>"
+    save_pretrained(tiny_model(len(plain)), plain, str(tmp_path / "plain"))
+    spec = _spec(
+        {**models, "base": str(tmp_path / "plain")},
+        ru_corpus,
+        instruct=False,
+        calibration={"method": "self+copy"},
+    )
+    with pytest.raises(AdaptationInputError, match="no chat template"):
+        run_pipeline(spec, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "tokenizer").exists()  # refused before any stage ran

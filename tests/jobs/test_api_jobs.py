@@ -77,10 +77,13 @@ def test_idempotency_key_replays_or_conflicts(client, auth, body) -> None:
         ({"corpus_file": "file_doesnotexist"}, "file_not_found", "corpus_file"),
         ({"eval_file": "file_doesnotexist"}, "file_not_found", "eval_file"),
         ({"labels": {"bad key!": "x"}}, "invalid_request", "labels"),
+        ({"cpt": {"source_mix": 0.6, "source_corpus": "file_x"}}, "invalid_request", "cpt.source_mix"),
+        ({"cpt": {"source_mix": 0.1}}, "invalid_request", "cpt.source_corpus"),
+        ({"cpt": {"source_mix": 0.1, "source_corpus": "file_nope"}}, "file_not_found", "cpt.source_corpus"),
         (
-            {"calibration": {"method": "self+copy"}, "instruct_model": None, "propagation": None},
+            {"vocab": {"method": "bpe", "vocab_size": 900}, "cpt": {"train_rows": "new"}},
             "invalid_request",
-            "calibration.method",
+            "cpt.train_rows",
         ),
         ({"base_model": "gpt-9"}, "invalid_model", "base_model"),
         ({"base_model": "http://evil.example/model"}, "invalid_model", "base_model"),
@@ -185,3 +188,15 @@ def test_errors_have_one_shape(client, auth) -> None:
     ):
         error = response.json()["error"]
         assert set(error) == {"code", "message", "param"} and response.status_code in (404, 405, 422)
+
+
+def test_an_instruct_model_adapted_directly_can_be_calibrated(client, auth, body) -> None:
+    """No separate instruct model: calibration trains the CPT output itself; LEP settings are refused."""
+    direct = {**body, "instruct_model": None, "propagation": None, "calibration": {"method": "self+copy"}}
+    response = client.post("/v1/jobs", headers=auth, json=direct)
+    assert response.status_code == 201, response.text
+    request = response.json()["request"]
+    assert request["propagation"] is None and request["calibration"]["method"] == "self+copy"
+    assert request["cpt"]["train_rows"] == "new"  # written out: the extended vocabulary keeps the old rows
+    replacing = {**direct, "vocab": {"method": "bpe", "vocab_size": 900}}
+    assert client.post("/v1/jobs", headers=auth, json=replacing).json()["request"]["cpt"]["train_rows"] == "all"

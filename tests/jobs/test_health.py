@@ -129,5 +129,5 @@ def test_docs_work_offline_with_an_authorize_button(client) -> None:
     assert schema["paths"]["/v1/jobs"]["post"]["security"] == [{"APIKey": []}]
     assert "head" in schema["paths"]["/v1/jobs/{job_id}/artifacts/{name}"]
     evaluation = schema["components"]["schemas"]["EvaluationConfig"]["properties"]
-    assert evaluation["tasks"]["default"] == ["symbols_per_token", "bits_per_char", "copy_ru"]
+    assert evaluation["tasks"]["default"] == ["symbols_per_token", "bits_per_char", "copy_ru", "generation_speed"]
     assert evaluation["limit"]["default"] == 50

@@ -12,6 +12,7 @@ wherever it appears in the list.
 | copy_ru, copy_en  | exact_match, f1                                | held-out target / source texts       |
 | mc_ruworldtree    | accuracy, accuracy_norm                        | MERA/ruWorldTree.jsonl               |
 | mera_arith        | simplear_exact_match, rumultiar_exact_match    | MERA/SimpleAr.jsonl, ruMultiAr.jsonl |
+| generation_speed  | chars_per_step, chars_per_s_batch1, _batch8    | held-out target texts (openings)     |
 | micro_avg         | mean                                           | the rows above                       |
 """
 
@@ -26,6 +27,7 @@ from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.evaluate.base import EvalData, ScoreRow, TaskFn
 from langadapt.core.adaptation.evaluate.bits_per_char import bits_per_char_rows
 from langadapt.core.adaptation.evaluate.darucopy import copy_en, copy_ru
+from langadapt.core.adaptation.evaluate.generation_speed import generation_speed
 from langadapt.core.adaptation.evaluate.mc_ruworldtree import mc_ruworldtree
 from langadapt.core.adaptation.evaluate.mera_arith import mera_arith
 from langadapt.core.adaptation.evaluate.micro_avg import MICRO_AVG_METRICS, micro_avg
@@ -39,6 +41,7 @@ TASKS: dict[str, TaskFn] = {
     "copy_en": copy_en,
     "mc_ruworldtree": mc_ruworldtree,
     "mera_arith": mera_arith,
+    "generation_speed": generation_speed,
 }
 assert tuple(TASKS) == MODEL_TASKS, "task_names.TaskName is out of date"
 assert {task for task, _ in MICRO_AVG_METRICS} == AVERAGED_TASKS, "task_names.AVERAGED_TASKS is out of date"

@@ -91,8 +91,12 @@ def greedy_generations(
     *,
     batch_size: int = 8,
     progress: ItemProgress | None = None,
+    fixed_length: bool = False,
 ) -> list[Generation]:
-    """The greedy continuation of each prompt, at most `max_new_tokens[i]` tokens long, and whether it ended."""
+    """The greedy continuation of each prompt, at most `max_new_tokens[i]` tokens long, and whether it ended.
+
+    `fixed_length` suppresses the end tokens until the budget is reached: every prompt gets exactly its budget
+    (for speed measurements, where every model must run the same number of steps)."""
     if len(prompts) != len(max_new_tokens):
         raise ValueError("one max_new_tokens per prompt")
     device = model_device(model)
@@ -113,6 +117,7 @@ def greedy_generations(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max(max_new_tokens[i] for i in batch),
+            min_new_tokens=max(max_new_tokens[i] for i in batch) if fixed_length else None,
             do_sample=False,
             num_beams=1,
             repetition_penalty=1.0,

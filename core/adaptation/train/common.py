@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from langadapt.core.adaptation.config import TrainingConfig
 from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.weights import input_rows, output_rows
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -83,14 +84,62 @@ def fp32_masters(params: dict[str, nn.Parameter]) -> None:
         p.data = p.data.float()
 
 
-def adamw(params: dict[str, nn.Parameter], config: TrainingConfig, *, fused: bool) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms and biases)."""
-    matrices = [p for p in params.values() if p.ndim >= 2]
-    vectors = [p for p in params.values() if p.ndim < 2]
-    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
-    )
+def adamw(
+    params: dict[str, nn.Parameter], config: TrainingConfig, *, model: PreTrainedModel, fused: bool
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases), one parameter group per role
+    (`embeddings`, `head`, `layers`) and decay, each at `lr x lr_scale[role]`. Each group records its `lr_scale`."""
+    embeddings, head = input_rows(model), output_rows(model)
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for p in params.values():
+        role = "embeddings" if p is embeddings else "head" if p is head else "layers"
+        groups.setdefault((role, p.ndim >= 2), []).append(p)
+    scales = config.lr_scale.model_dump()
+    param_groups = [
+        {
+            "params": members,
+            "weight_decay": config.weight_decay if decayed else 0.0,
+            "lr": config.lr * scales[role],
+            "lr_scale": scales[role],
+        }
+        for (role, decayed), members in groups.items()
+    ]
+    return torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None)
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The scheduled learning rate before the per-group scales (what progress reports show)."""
+    group = optimizer.param_groups[0]
+    return float(group["lr"]) / float(group["lr_scale"])
+
+
+class FrozenRows:
+    """Keeps some rows of trained vocabulary matrices exactly as they are: their gradients are zeroed before
+    clipping (so they neither move nor weigh in the gradient norm) and their values are written back after every
+    optimizer step (AdamW's decoupled weight decay would otherwise shrink them)."""
+
+    def __init__(self, matrices: list[nn.Parameter], rows: torch.Tensor) -> None:
+        self._kept = [(m, rows.to(m.device), m.detach()[rows.to(m.device)].clone()) for m in matrices]
+
+    def zero_grads(self) -> None:
+        for matrix, rows, _ in self._kept:
+            if matrix.grad is not None:
+                matrix.grad.index_fill_(0, rows, 0.0)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for matrix, rows, values in self._kept:
+            matrix.index_copy_(0, rows, values)
+
+
+def frozen_old_rows(model: PreTrainedModel, new_rows: Sequence[int]) -> FrozenRows:
+    """`FrozenRows` for every row not in `new_rows` of the trainable input and output matrices (one when tied)."""
+    embeddings, head = input_rows(model), output_rows(model)
+    matrices = [m for m in (embeddings, head) if m is not None and m.requires_grad]
+    matrices = list({id(m): m for m in matrices}.values())  # a tied head is the embedding matrix
+    keep = torch.ones(embeddings.shape[0], dtype=torch.bool)
+    keep[torch.tensor(list(new_rows), dtype=torch.long)] = False
+    return FrozenRows([m for m in matrices if isinstance(m, nn.Parameter)], keep.nonzero().flatten())
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

@@ -43,7 +43,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
@@ -70,16 +70,25 @@ from langadapt.core.adaptation.train.common import (
     ProgressCallback,
     adamw,
     apply_trainable,
+    base_lr,
     fp32_masters,
+    frozen_old_rows,
     lr_schedule,
     prepare_for_training,
     release_lora,
     trainable_parameters,
 )
-from langadapt.core.adaptation.train.packing import DataPosition, PackedBlocks, Prefetcher, eos_token_id, micro_batches
+from langadapt.core.adaptation.train.packing import (
+    MixedBlocks,
+    Prefetcher,
+    StreamPosition,
+    eos_token_id,
+    micro_batches,
+)
 
 # Fields that may change between a run and its resumption: they do not change what is computed.
-_RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "compile"}
+# (`source_corpus` is a path: a retry on another machine finds the same text elsewhere; the position checks it.)
+_RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "compile", "source_corpus"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ class CPTResult:
 class _TrainState:
     step: int = 0
     tokens_seen: int = 0
-    position: DataPosition = field(default_factory=DataPosition)
+    position: StreamPosition = field(default_factory=StreamPosition)
     loss: float | None = None
 
 
@@ -115,11 +124,16 @@ def run_cpt(
     config: CPTConfig,
     out_dir: str,
     *,
+    new_rows: Sequence[int] | None = None,
     resume: bool = False,
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> CPTResult:
     """Continue pretraining `model` (in place) on `corpus_path` and save it to `out_dir/model`.
+
+    With `config.train_rows == "new"`, only the rows `new_rows` (the tokens the source vocabulary lacks) of the
+    embeddings and head learn; every other row ends bit-identical. With `config.source_mix`, that share of the
+    blocks comes from `config.source_corpus` (`packing.MixedBlocks`).
 
     `resume=True` continues from the last checkpoint in `out_dir` (a fresh start when there is none; without it a
     non-empty `out_dir` is an error). Pass the model as it was before the first run (loaded again): the
@@ -133,7 +147,11 @@ def run_cpt(
     started = time.perf_counter()
     check_tokenizer_matches(model, tokenizer)
     eos_token_id(tokenizer)
-    next(require_documents(corpus_path))  # a missing, empty or unreadable corpus fails now, not in a thread
+    for text in (corpus_path, config.source_corpus):  # a missing, empty or unreadable corpus fails now
+        if text is not None:
+            next(require_documents(text))
+    if config.train_rows == "new" and not new_rows:
+        raise AdaptationInputError("cpt.train_rows 'new' needs the ids of the new tokens (none given)")
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_positions is not None and config.seq_len > max_positions:
         raise AdaptationInputError(f"seq_len {config.seq_len} exceeds the model's {max_positions} positions")
@@ -154,7 +172,8 @@ def run_cpt(
         module = apply_trainable(model, config.trainable, config)
         params = trainable_parameters(module)
         fp32_masters(params)
-        optimizer = adamw(params, config, fused=cuda)
+        frozen = frozen_old_rows(model, new_rows) if config.train_rows == "new" and new_rows else None
+        optimizer = adamw(params, config, model=model, fused=cuda)
         scheduler = lr_schedule(optimizer, config, warmup_steps=config.warmup_steps, total_steps=total_steps)
         state = _TrainState()
         if checkpoint is not None:
@@ -163,7 +182,14 @@ def run_cpt(
         ddp_module = accelerator.prepare(module)  # device placement; DistributedDataParallel with several processes
         forward = torch.compile(ddp_module) if config.compile else ddp_module
 
-        blocks = PackedBlocks(tokenizer, corpus_path, config.seq_len, start=state.position)
+        blocks = MixedBlocks(
+            tokenizer,
+            corpus_path,
+            config.seq_len,
+            source_path=config.source_corpus,
+            mix=config.source_mix,
+            start=state.position,
+        )
         batches = micro_batches(
             blocks,
             config.batch_size,
@@ -192,10 +218,14 @@ def run_cpt(
                             loss = forward(input_ids=input_ids, labels=input_ids, use_cache=False).loss
                         accelerator.backward(loss / accum)
                     loss_sum += loss.detach()
+                if frozen is not None:
+                    frozen.zero_grads()
                 if config.max_grad_norm is not None:
                     grad_norm = accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
+                lr = base_lr(optimizer)
                 optimizer.step()
+                if frozen is not None:
+                    frozen.restore()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
@@ -417,7 +447,7 @@ def _load_checkpoint(
     return _TrainState(
         step=meta["step"],
         tokens_seen=meta["tokens_seen"],
-        position=DataPosition.from_dict(meta["position"]),
+        position=StreamPosition.from_dict(meta["position"]),
         loss=meta["loss"],
     )
 

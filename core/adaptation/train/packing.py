@@ -11,6 +11,10 @@ source). So the stream is deterministic and a `DataPosition` pins it exactly: th
 `offset` of document `document` of epoch `epoch`. Resuming skips `document` documents without tokenizing them and
 drops `offset` tokens, so the blocks that follow are the ones an uninterrupted run would have produced.
 
+Source-language replay (`MixedBlocks`): a share of the blocks comes from a second, source-language corpus packed
+the same way, interleaved on a fixed schedule, so the mix is exact over any stretch of the run and a
+`StreamPosition` (both corpora's positions and the number of blocks drawn) pins the stream just as exactly.
+
 Tokenization runs on batches of documents (the Rust tokenizer releases the GIL), and `Prefetcher` moves the whole
 pipeline to a background thread so the accelerator never waits for text.
 """
@@ -18,11 +22,13 @@ pipeline to a background thread so the accelerator never waits for text.
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
-from typing import Generic, TypeVar
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ from langadapt.core.adaptation.corpus import iter_documents
 from langadapt.core.adaptation.errors import AdaptationInputError
 
 T = TypeVar("T")
+P = TypeVar("P")  # a stream position
 
 # Documents tokenized per call: the Rust tokenizer spreads a batch's documents over its threads, so a batch should
 # hold many documents (a corpus of whole books, like ruslit, gets a few per batch).
@@ -53,6 +60,23 @@ class DataPosition:
     @classmethod
     def from_dict(cls, data: dict[str, int]) -> DataPosition:
         return cls(epoch=int(data["epoch"]), document=int(data["document"]), offset=int(data["offset"]))
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a (possibly mixed) training stream stands: the next block of the target and of the source corpus,
+    and how many blocks were drawn so far (which fixes whose turn the next one is)."""
+
+    target: DataPosition = field(default_factory=DataPosition)
+    source: DataPosition = field(default_factory=DataPosition)
+    blocks: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {"target": self.target.to_dict(), "source": self.source.to_dict(), "blocks": self.blocks}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamPosition:
+        return cls(DataPosition.from_dict(data["target"]), DataPosition.from_dict(data["source"]), int(data["blocks"]))
 
 
 def eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -147,14 +171,56 @@ class PackedBlocks:
             yield np.concatenate(parts), after
 
 
+class MixedBlocks:
+    """Iterable of `(block, position_after)` like `PackedBlocks`, with a share `mix` of the blocks taken from
+    `source_path`: block n (0-based, counted over the whole run) is a source block when floor((n+1)·mix) exceeds
+    floor(n·mix), so after any n blocks the source has supplied floor(n·mix) of them. `mix` 0 reads the target only.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        corpus_path: str,
+        seq_len: int,
+        *,
+        source_path: str | None = None,
+        mix: float = 0.0,
+        start: StreamPosition = StreamPosition(),
+    ) -> None:
+        if mix and source_path is None:
+            raise AdaptationInputError("a source-language mix needs a source corpus")
+        self.mix = Fraction(mix).limit_denominator(10_000)
+        self.start = start
+        self.target = PackedBlocks(tokenizer, corpus_path, seq_len, start=start.target)
+        self.source = None
+        if mix and source_path is not None:
+            self.source = PackedBlocks(tokenizer, source_path, seq_len, start=start.source)
+
+    def is_source(self, n: int) -> bool:
+        return math.floor((n + 1) * self.mix) > math.floor(n * self.mix)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, StreamPosition]]:
+        target = iter(self.target)
+        source = iter(self.source) if self.source is not None else None
+        position = self.start
+        while True:
+            if source is not None and self.is_source(position.blocks):
+                block, after = next(source)
+                position = StreamPosition(position.target, after, position.blocks + 1)
+            else:
+                block, after = next(target)
+                position = StreamPosition(after, position.source, position.blocks + 1)
+            yield block, position
+
+
 def micro_batches(
-    blocks: Iterable[tuple[np.ndarray, DataPosition]],
+    blocks: Iterable[tuple[np.ndarray, P]],
     micro_batch_size: int,
     *,
     num_processes: int = 1,
     process_index: int = 0,
     pin_memory: bool = False,
-) -> Iterator[tuple[torch.Tensor, DataPosition]]:
+) -> Iterator[tuple[torch.Tensor, P]]:
     """`(input_ids [micro_batch_size, L] int64, position after)` for one process.
 
     Every process reads the same stream; of each run of `micro_batch_size x num_processes` blocks, process i takes

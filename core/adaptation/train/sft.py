@@ -44,6 +44,7 @@ from langadapt.core.adaptation.train.common import (
     ProgressCallback,
     adamw,
     apply_trainable,
+    base_lr,
     fp32_masters,
     lr_schedule,
     prepare_for_training,
@@ -225,7 +226,7 @@ def run_sft(
     module = apply_trainable(model, config.trainable, config, lora_layers=layers)
     params = trainable_parameters(module)
     fp32_masters(params)
-    optimizer = adamw(params, config, fused=precision.device.type == "cuda")
+    optimizer = adamw(params, config, model=model, fused=precision.device.type == "cuda")
     scheduler = lr_schedule(optimizer, config, warmup_steps=warmup_steps, total_steps=total_steps)
     device = precision.device
     pad = pad_token_id(tokenizer)
@@ -254,7 +255,7 @@ def run_sft(
             grad_norm = None
             if config.max_grad_norm is not None:
                 grad_norm = nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
+            lr = base_lr(optimizer)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

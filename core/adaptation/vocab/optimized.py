@@ -36,7 +36,7 @@ from langadapt.core.adaptation.vocab.common import (
     take_chars,
     wrap_like,
 )
-from langadapt.core.adaptation.vocab.extended import extend_bpe, train_target_bpe
+from langadapt.core.adaptation.vocab.extended import extend_bpe, target_merge, train_target_bpe
 
 FREQUENCY_SAMPLE_CHARS = 2_000_000  # per language
 
@@ -53,7 +53,8 @@ def build(source: PreTrainedTokenizerBase, text: TargetText, config: VocabConfig
     kept = select_kept(vocab, order, config.keep_tokens)
     pruned, removed, outside_specials = prune_bpe(vocab, kept)
     target = train_target_bpe(vocab, text, config)
-    combined = _append_specials(extend_bpe(pruned, target, config.priority), outside_specials)
+    merge_test = target_merge(vocab, text, config)
+    combined = _append_specials(extend_bpe(pruned, target, config.priority, merge_test), outside_specials)
     tokenizer = wrap_like(combined, source)
     report = make_report(
         "optimized",
