@@ -4,16 +4,20 @@ Both train the same random-weight Llama (`135m`: SmolLM2-135M's shape, tied; `1.
 untied) with the same trainable set (`full` or `embeddings+head`, frozen by `apply_trainable` for both), the same
 packed blocks of the corpus, micro batch, gradient accumulation and sequence length. On a GPU both use bf16
 autocast over fp32 weights, TF32 and fused AdamW (`Trainer`: `bf16=True`, `optim="adamw_torch_fused"`, `tf32=True`);
-the `Trainer` does no evaluation, saving or logging (`report_to=[]`). `--compile` turns on our loop's
-`torch.compile`; the `Trainer` baseline stays as configured above unless `--trainer-compile`. Steady state: the
+the `Trainer` does no evaluation, saving or logging (`report_to=[]`). Our loop runs as jobs run it: the chunked
+LM-head loss (`lm_loss.py`), frozen weights in bf16, `torch.compile` on CUDA (`--no-compile` turns it off; its
+first step, compilation included, is reported apart); the `Trainer` baseline stays as configured above unless
+`--trainer-compile`. Both use the same micro-batches (our memory-fitted micro-batch is off here). Steady state: the
 first `--warmup` optimizer steps are not timed, the next `--steps` are (GPU synchronised at both ends). One JSON
-line per (model, mode).
+line per (model, mode) with tokens/s, peak GPU memory of each, our MFU (`flops_per_token`) and the ratio.
+`--models 8b --modes embeddings+head,lora+head --no-trainer --micro-batch 1`: the LLaMa-3-8B shape with 64 K new
+rows on one GPU.
 
 The text only feeds token ids (a byte-level BPE trained here on the corpus; the models keep their real vocabulary
 sizes, so the LM head and loss cost what they cost); without the corpus file a synthetic one is used.
 
     python bench/cpt_throughput.py [--models 135m,1.1b] [--modes full,embeddings+head] [--seq-len 2048]
-        [--micro-batch N] [--grad-accum 4] [--warmup 3] [--steps 9] [--compile] [--trainer-compile]
+        [--micro-batch N] [--grad-accum 4] [--warmup 3] [--steps 9] [--no-compile] [--trainer-compile] [--no-trainer]
     python bench/cpt_throughput.py --tiny      # CPU smoke test: a small config, seq 128, a few steps
 """
 
@@ -44,7 +48,7 @@ from transformers import (
 from langadapt.core.adaptation.config import CPTConfig
 from langadapt.core.adaptation.corpus import iter_documents
 from langadapt.core.adaptation.train.common import apply_trainable
-from langadapt.core.adaptation.train.cpt import run_cpt
+from langadapt.core.adaptation.train.cpt import CPTResult, run_cpt
 from langadapt.core.adaptation.train.packing import PackedBlocks
 
 CORPUS = "../shared/data/ru/ruslit.jsonl.xz"
@@ -72,6 +76,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_position_embeddings=2048,
         rope_theta=10_000.0,
     ),
+    "8b": dict(  # LLaMa-3-8B with 64 K new rows: random weights, built in bf16 (no Trainer baseline: --no-trainer)
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128_256 + 64_000,
+        tie_word_embeddings=False,
+        max_position_embeddings=8192,
+        rope_theta=500_000.0,
+    ),
     "tiny": dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -83,7 +98,8 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_position_embeddings=512,
     ),
 }
-MICRO_BATCH = {"135m": 8, "1.1b": 4, "tiny": 2}
+MICRO_BATCH = {"135m": 8, "1.1b": 4, "8b": 1, "tiny": 2}
+H200_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM
 
 
 def train_tokenizer(corpus: str, chars: int, vocab_size: int) -> PreTrainedTokenizerFast:
@@ -118,11 +134,35 @@ def build_model(shape: str, vocab_size: int, device: torch.device) -> LlamaForCa
     values["vocab_size"] = values["vocab_size"] or vocab_size
     config = LlamaConfig(**values, attn_implementation="sdpa")
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if shape == "8b" else torch.float32  # 8 B in float32 would not leave room to train
     with device:
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(config).to(dtype)
 
 
-def measure_ours(model: LlamaForCausalLM, tokenizer, corpus: str, config: CPTConfig, warmup: int) -> float:
+def flops_per_token(model: LlamaForCausalLM, trainable: str, seq_len: int) -> float:
+    """Model FLOPs of one trained token: forward 2N + causal attention, backward the activation gradients (as much
+    again) plus 2 per trained matrix weight (N: the weights of every matmul, the LM head included)."""
+    cfg = model.config
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    # Weight gradients: every matmul for full; the head for embeddings+head and lora+head (the embedding lookup is no
+    # matmul, LoRA's weights are few); none for embeddings.
+    trained = {"full": matmul, "embeddings": 0}.get(trainable, model.lm_head.weight.numel())
+    attention = 2 * cfg.num_hidden_layers * seq_len * cfg.hidden_size  # QK^T and AV, halved by the causal mask
+    return 2 * (2 * matmul + 2 * attention) + 2 * trained
+
+
+def _peak_reset(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(cuda: bool) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+
+
+def measure_ours(
+    model: LlamaForCausalLM, tokenizer, corpus: str, config: CPTConfig, warmup: int
+) -> tuple[float, CPTResult]:
     """Steady-state tokens/s from the progress reports (each comes right after a host sync of the loss)."""
     marks: dict[int, tuple[float, int]] = {}
 
@@ -130,9 +170,9 @@ def measure_ours(model: LlamaForCausalLM, tokenizer, corpus: str, config: CPTCon
         marks[report["step"]] = (time.perf_counter(), report["tokens_seen"])
 
     with tempfile.TemporaryDirectory(prefix="cpt-bench-") as out:
-        run_cpt(model, tokenizer, corpus, config, os.path.join(out, "run"), progress=progress)
-    (t0, n0), (t1, n1) = marks[warmup], marks[config.total_steps()]
-    return (n1 - n0) / (t1 - t0)
+        result = run_cpt(model, tokenizer, corpus, config, os.path.join(out, "run"), progress=progress)
+    (t0, n0), (t1, n1) = marks[warmup], marks[config.steps]
+    return (n1 - n0) / (t1 - t0), result
 
 
 class _StepTimer(TrainerCallback):
@@ -166,7 +206,7 @@ def measure_trainer(
     cuda: bool,
     compile_: bool,
 ) -> float:
-    total = config.total_steps()
+    total = config.steps
     needed = total * config.batch_size * config.grad_accum
     blocks = []
     for block, _ in PackedBlocks(tokenizer, corpus, config.seq_len):  # the blocks our loop trains on
@@ -219,8 +259,10 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps")
     parser.add_argument("--steps", type=int, default=9, help="timed optimizer steps (a multiple of --warmup)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile in our loop (CPTConfig.compile)")
+    parser.add_argument("--no-compile", action="store_true", help="our loop without torch.compile (default on CUDA)")
     parser.add_argument("--trainer-compile", action="store_true", help="torch_compile=True for the Trainer too")
+    parser.add_argument("--no-trainer", action="store_true", help="our loop only (the 8b shape: no baseline fits)")
+    parser.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS, help="the GPU's bf16 peak, for MFU")
     args = parser.parse_args()
     if args.tiny:
         args.models, args.seq_len, args.grad_accum, args.warmup, args.steps = "tiny", 128, 2, 2, 8
@@ -247,14 +289,24 @@ def main() -> None:
                     warmup_steps=args.warmup,
                     log_every=args.warmup,
                     checkpoint_every=10**9,
-                    compile=args.compile,
+                    compile=False if args.no_compile else None,
+                    auto_micro_batch=False,  # the same micro-batches as the Trainer
                 )
-                ours = measure_ours(build_model(shape, len(tokenizer), device), tokenizer, corpus, config, args.warmup)
-                _free()
+                _peak_reset(cuda)
                 model = build_model(shape, len(tokenizer), device)
-                trainer = measure_trainer(model, tokenizer, corpus, config, args.warmup, cuda, args.trainer_compile)
+                flops = flops_per_token(model, mode, config.seq_len)
+                ours, result = measure_ours(model, tokenizer, corpus, config, args.warmup)
+                ours_peak = _peak_gib(cuda)
                 del model
                 _free()
+                trainer = trainer_peak = None
+                if not args.no_trainer:
+                    _peak_reset(cuda)
+                    model = build_model(shape, len(tokenizer), device)
+                    trainer = measure_trainer(model, tokenizer, corpus, config, args.warmup, cuda, args.trainer_compile)
+                    trainer_peak = _peak_gib(cuda)
+                    del model
+                    _free()
                 row = {
                     "bench": "cpt_throughput",
                     "model": shape,
@@ -265,11 +317,15 @@ def main() -> None:
                     "micro_batch": config.batch_size,
                     "grad_accum": config.grad_accum,
                     "timed_steps": steps,
-                    "ours_compile": args.compile,
+                    "ours_compiled": result.compiled,
+                    "ours_first_step_s": round(result.first_step_s or 0.0, 2),  # compilation included
                     "trainer_compile": args.trainer_compile,
                     "ours_tokens_per_s": round(ours, 1),
-                    "trainer_tokens_per_s": round(trainer, 1),
-                    "ratio": round(ours / trainer, 3),
+                    "ours_mfu": round(ours * flops / (args.peak_tflops * 1e12), 3) if cuda else None,
+                    "ours_peak_gib": ours_peak,
+                    "trainer_tokens_per_s": None if trainer is None else round(trainer, 1),
+                    "trainer_peak_gib": trainer_peak,
+                    "ratio": None if trainer is None else round(ours / trainer, 3),
                 }
                 print(json.dumps(row), flush=True)
 

@@ -163,11 +163,20 @@ class CPTConfig(TrainingConfig):
     warmup_steps: int = Field(  # type: ignore[assignment]  # None only until `_derived_defaults` fills it in
         None, ge=0, description="linear warm-up steps (default: 10 % of steps, at most 100)"
     )
+    auto_micro_batch: bool = Field(
+        True,
+        description="on a GPU: regroup each step's batch_size x grad_accum sequences into the largest micro-batches "
+        "that fit in memory (the same sequences and tokens per step)",
+    )
     checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
     keep_checkpoints: int = Field(1, ge=1)
     lora_r: int = Field(16, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
-    compile: bool = Field(False, description="run the model through torch.compile")
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the transformer stack (fixed packed shapes: one compilation); default: on CUDA, "
+        "falling back to eager if compilation fails",
+    )
     # When not given: a job spec picks it from its vocabulary method (new for extended / optimized, which keep the
     # source's rows; all for bpe / unigram, which replace them); a CPT config on its own trains all rows.
     train_rows: TrainRows = Field(

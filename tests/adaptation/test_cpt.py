@@ -17,9 +17,16 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from langadapt.core.adaptation import lm_loss
 from langadapt.core.adaptation.config import CPTConfig
 from langadapt.core.adaptation.errors import AdaptationInputError
-from langadapt.core.adaptation.train.common import adamw, apply_trainable, base_lr, trainable_parameters
+from langadapt.core.adaptation.train.common import (
+    OriginalState,
+    adamw,
+    apply_trainable,
+    base_lr,
+    trainable_parameters,
+)
 from langadapt.core.adaptation.train.cpt import latest_checkpoint, run_cpt
 from langadapt.core.adaptation.train.packing import DataPosition, MixedBlocks, PackedBlocks, StreamPosition
 
@@ -442,3 +449,57 @@ def test_learning_rates_per_group(tiny_model, tok) -> None:
     assert base_lr(optimizer) == pytest.approx(1e-3)
     with pytest.raises(ValidationError, match="does not train layers"):
         config(trainable="embeddings+head", lr_scale={"layers": 0.5})
+
+
+# ---- the engine: chunked loss head, compile fallback, frozen weights in bf16 ----
+
+
+@pytest.mark.parametrize("trainable", ["embeddings+head", "full"])
+def test_the_chunked_loss_follows_the_plain_loss_curve_for_50_steps(
+    tmp_path: Path, tiny_model, tok, corpus: str, monkeypatch: pytest.MonkeyPatch, trainable: str
+) -> None:
+    cfg = config(steps=50, log_every=5, warmup_steps=5, trainable=trainable)
+    curves = {}
+    for path in ("chunked", "plain"):
+        if path == "plain":  # the model's own forward: full float32 logits, transformers' cross-entropy
+            monkeypatch.setattr(lm_loss, "has_linear_head", lambda model: False)
+        reports: list[dict[str, Any]] = []
+        run_cpt(tiny_model(len(tok), tied=False), tok, corpus, cfg, str(tmp_path / path), progress=reports.append)
+        curves[path] = [r["loss"] for r in reports]
+    assert len(curves["chunked"]) == 10
+    assert curves["chunked"][-1] < 0.8 * curves["chunked"][0]
+    torch.testing.assert_close(curves["chunked"], curves["plain"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_compilation_falls_back_to_eager(
+    tmp_path: Path, tiny_model, tok, corpus: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eager = run_cpt(tiny_model(len(tok)), tok, corpus, config(steps=3), str(tmp_path / "eager"))
+
+    def broken_compile(module: torch.nn.Module, **_: Any):
+        def fails(**__: Any):
+            raise RuntimeError("inductor: no C++ compiler")
+
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        fallback = run_cpt(tiny_model(len(tok)), tok, corpus, config(steps=3, compile=True), str(tmp_path / "c"))
+    assert not fallback.compiled and fallback.steps == 3
+    assert fallback.first_step_s is not None and fallback.first_step_s > 0
+    assert fallback.final_loss == eager.final_loss
+
+
+def test_frozen_weights_wait_in_float32_and_come_back_bit_identical(tiny_model) -> None:
+    model = tiny_model(64, tied=False)
+    before = snapshot(model)
+    original = OriginalState.capture(model)
+    model.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    original.park_frozen_in_bf16(model)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["model.embed_tokens.weight"] == torch.float32
+    assert dtypes["lm_head.weight"] == dtypes["model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    original.restore(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.evaluate.base import EvalData, ItemProgress, ScoreRow, per_language_rows
+from langadapt.core.adaptation.lm_loss import CausalLMLoss
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def bits_per_char(
         chunks.extend(_windows(ids, window))
     chunks.sort(key=len)  # similar lengths together: less padding
     device = next(model.parameters()).device
+    loss = CausalLMLoss(model)
     total_nats = 0.0
     for first in range(0, len(chunks), batch_size):
         batch = chunks[first : first + batch_size]
@@ -65,10 +67,7 @@ def bits_per_char(
             input_ids[row, : len(chunk)] = torch.tensor(chunk)
             mask[row, : len(chunk)] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-        targets = input_ids[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        total_nats += float((nll * mask[:, 1:]).sum())
+        total_nats += float(loss(input_ids, labels=input_ids, attention_mask=mask).sum())
         if progress is not None:
             progress(min(first + batch_size, len(chunks)), len(chunks))
     return BitsPerChar(bits_per_char=total_nats / math.log(2) / chars, chars=chars, tokens=tokens)

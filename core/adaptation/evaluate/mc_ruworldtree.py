@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.evaluate.base import EvalData, ItemProgress, ScoreRow, load_mera
 from langadapt.core.adaptation.evaluate.generation import model_device, pad_token_id
+from langadapt.core.adaptation.lm_loss import IGNORE_INDEX, CausalLMLoss
 
 DATASET = "ruWorldTree"
 LETTERS = "ABCD"
@@ -66,22 +67,22 @@ def continuation_logprobs(
     device = model_device(model)
     pad = pad_token_id(tokenizer)
     scores = [0.0] * len(encoded)
+    loss = CausalLMLoss(model)
     for first in range(0, len(order), batch_size):
         batch = order[first : first + batch_size]
         sequences = [encoded[i][0] + encoded[i][1] for i in batch]
         width = max(map(len, sequences))
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, sequence in enumerate(sequences):
+        for row, (index, sequence) in enumerate(zip(batch, sequences, strict=True)):
+            start = len(encoded[index][0])  # the continuation's first position
             input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            labels[row, start : len(sequence)] = input_ids[row, start : len(sequence)]
             mask[row, : len(sequence)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        nll = loss(input_ids.to(device), labels=labels.to(device), attention_mask=mask.to(device))
         for row, index in enumerate(batch):
-            context, continuation = encoded[index]
-            start, end = len(context), len(context) + len(continuation)
-            logprobs = logits[row, start - 1 : end - 1].float().log_softmax(-1)
-            targets = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
-            scores[index] = float(logprobs.gather(-1, targets[:, None]).sum())
+            scores[index] = -float(nll[row].sum())
         if progress is not None:
             progress(min(first + batch_size, len(order)), len(order))
     return scores

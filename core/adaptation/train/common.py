@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -165,6 +165,7 @@ class OriginalState:
     requires_grad: dict[str, bool]
     device: torch.device
     training: bool
+    parked: dict[str, torch.Tensor] = field(default_factory=dict)  # frozen originals held on the host (see below)
 
     @classmethod
     def capture(cls, model: nn.Module) -> OriginalState:
@@ -176,11 +177,22 @@ class OriginalState:
             training=model.training,
         )
 
+    def park_frozen_in_bf16(self, model: nn.Module) -> None:
+        """Hold the frozen float32 weights of `model` in bf16 on its device: no float32 copy in GPU memory and no
+        autocast cast per step. Their float32 values wait on the host and come back bit-identical in `restore`.
+        Only for trainable sets without LoRA (LoRA merges into frozen weights, which must then stay as they are)."""
+        for name, p in model.named_parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                self.parked[name] = p.data.to("cpu", copy=True)
+                p.data = p.data.to(torch.bfloat16)
+
     def restore(self, model: nn.Module) -> None:
         model.to(self.device)
         for name, p in model.named_parameters():
             p.grad = None
-            if name in self.dtypes and p.dtype != self.dtypes[name]:
+            if name in self.parked:
+                p.data = self.parked.pop(name).to(self.device)
+            elif name in self.dtypes and p.dtype != self.dtypes[name]:
                 p.data = p.data.to(self.dtypes[name])
             p.requires_grad_(self.requires_grad.get(name, True))
         model.train(self.training)
@@ -200,8 +212,8 @@ class Precision:
 def prepare_for_training(model: PreTrainedModel, device: torch.device) -> tuple[OriginalState, Precision]:
     """Capture the caller's model state, then place the model for training on `device`.
 
-    On CUDA: TF32 matmuls and bf16 autocast; frozen weights keep the dtype they were loaded in (bf16 halves their
-    memory). Elsewhere the model runs in float32 (no autocast: one dtype for every matmul).
+    On CUDA: TF32 matmuls and bf16 autocast (after `apply_trainable`, `OriginalState.park_frozen_in_bf16` holds the
+    frozen weights in bf16). Elsewhere the model runs in float32 (no autocast: one dtype for every matmul).
     """
     cuda = device.type == "cuda"
     if cuda:

@@ -14,7 +14,8 @@ What learns (`trainable`):
 - `full`: every parameter.
 
 Batches are packed blocks of the streamed corpus (`packing.py`); the global batch is
-`batch_size x grad_accum x processes` sequences of `seq_len` tokens. Every `checkpoint_every` steps
+`batch_size x grad_accum x processes` sequences of `seq_len` tokens (on a GPU a step's sequences are regrouped
+into the largest micro-batches that fit: `memory.py`). Every `checkpoint_every` steps
 (and at the end, and on cancellation) a checkpoint holds the model delta (trainable parameters only), optimizer,
 scheduler, data position, RNG states and step, so `run_cpt(..., resume=True)` continues exactly where it stopped:
 N steps in one go and k steps + resume + N - k steps give the same weights.
@@ -28,12 +29,14 @@ Speed (the loop has to beat the Hugging Face `Trainer`; `bench/cpt_throughput.py
   `embeddings+head` the backward pass through the layers computes activation gradients only) and AdamW holds
   state for the trainable ones only.
 - CUDA: bf16 autocast over fp32 trainable weights, TF32 matmuls, fused AdamW, pinned batches copied with
-  `non_blocking`, `use_cache=False` (no KV cache built in training). Frozen weights keep the dtype they were
-  loaded in: load the model in bf16 on a GPU to halve their memory and skip autocast's per-step casts; the
-  trainable ones are always held in fp32 and cast back at the end.
+  `non_blocking`, `use_cache=False` (no KV cache built in training). Frozen weights are held in bf16 for
+  `embeddings` and `embeddings+head` (half the memory, no per-step autocast casts; their float32 values wait on
+  the host and come back unchanged); the trainable ones are always held in fp32 and cast back at the end.
 - tokenization and packing run in a background thread, a few micro-batches ahead.
-- `compile=True` runs the model through `torch.compile` (off by default; fixed shapes, so one compilation; pays
-  off on GPU runs longer than a few hundred steps).
+- the LM head and its cross-entropy run in chunks of tokens (`lm_loss.py`): the float32 [tokens x vocab] logits
+  and their gradient are never materialised (8 GiB each for 16 K tokens x 128 K vocabulary).
+- `compile` (default: on CUDA) runs the transformer stack through `torch.compile` (fixed packed shapes: one
+  compilation, timed apart as `first_step_s`); a failed compilation falls back to eager with a warning.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -62,11 +66,13 @@ from langadapt.core.adaptation.config import CPTConfig
 from langadapt.core.adaptation.corpus import require_documents
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.fsutil import atomic_output_dir
+from langadapt.core.adaptation.lm_loss import CausalLMLoss
 from langadapt.core.adaptation.rundir import TrainingDir
 from langadapt.core.adaptation.sources import save_pretrained
 from langadapt.core.adaptation.surgery import check_tokenizer_matches
 from langadapt.core.adaptation.train.common import (
     OriginalState,
+    Precision,
     ProgressCallback,
     adamw,
     apply_trainable,
@@ -78,6 +84,7 @@ from langadapt.core.adaptation.train.common import (
     release_lora,
     trainable_parameters,
 )
+from langadapt.core.adaptation.train.memory import MicroBatchPlan, fit_micro_batch
 from langadapt.core.adaptation.train.packing import (
     MixedBlocks,
     Prefetcher,
@@ -85,10 +92,18 @@ from langadapt.core.adaptation.train.packing import (
     eos_token_id,
     micro_batches,
 )
+from langadapt.core.adaptation.weights import input_rows
 
 # Fields that may change between a run and its resumption: they do not change what is computed.
 # (`source_corpus` is a path: a retry on another machine finds the same text elsewhere; the position checks it.)
-_RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "compile", "source_corpus"}
+_RESUMABLE_CHANGES = {
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "compile",
+    "source_corpus",
+    "auto_micro_batch",
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,9 @@ class CPTResult:
     seconds: float  # wall time of this call, saving included
     tokens_per_s: float  # training throughput of this call (tokens trained now / time in the loop)
     resumed_from: int  # the checkpoint step this call started from (0: a fresh run)
+    micro_batch: int  # sequences per forward / backward pass (per process): `batch_size`, or fitted on a GPU
+    compiled: bool  # the transformer stack ran through torch.compile (false also after a failed compilation)
+    first_step_s: float | None  # wall time of this call's first optimizer step (compilation included)
     model_dir: str | None  # the trained model (LoRA merged), when finished
     adapter_dir: str | None  # the LoRA adapter alone (lora+head), when finished
     checkpoint_dir: str | None  # the last checkpoint written
@@ -115,6 +133,7 @@ class _TrainState:
     tokens_seen: int = 0
     position: StreamPosition = field(default_factory=StreamPosition)
     loss: float | None = None
+    micro_batch: int | None = None  # sequences per pass; kept by a resumed run (the same sums, bit for bit)
 
 
 def run_cpt(
@@ -172,6 +191,8 @@ def run_cpt(
         module = apply_trainable(model, config.trainable, config)
         params = trainable_parameters(module)
         fp32_masters(params)
+        if precision.bf16 and module is model:
+            original.park_frozen_in_bf16(model)
         frozen = frozen_old_rows(model, new_rows) if config.train_rows == "new" and new_rows else None
         optimizer = adamw(params, config, model=model, fused=cuda)
         scheduler = lr_schedule(optimizer, config, warmup_steps=config.warmup_steps, total_steps=total_steps)
@@ -179,8 +200,12 @@ def run_cpt(
         if checkpoint is not None:
             state = _load_checkpoint(checkpoint, config, params, optimizer, scheduler, accelerator)
         resumed_from = state.step
-        ddp_module = accelerator.prepare(module)  # device placement; DistributedDataParallel with several processes
-        forward = torch.compile(ddp_module) if config.compile else ddp_module
+        # The loss head computes the LM head and cross-entropy in chunks (`lm_loss.py`): no full logits. It wraps
+        # `model`, whose layers hold the LoRA adapters too. prepare: device placement; DDP with several processes.
+        loss_module = CausalLMLoss(model, compile=cuda if config.compile is None else config.compile)
+        ddp_loss = accelerator.prepare(loss_module)
+        plan = _micro_batch_plan(model, config, state, params, optimizer, precision, accelerator)
+        state.micro_batch = plan.micro_batch
 
         blocks = MixedBlocks(
             tokenizer,
@@ -192,19 +217,27 @@ def run_cpt(
         )
         batches = micro_batches(
             blocks,
-            config.batch_size,
+            plan.micro_batch,
             num_processes=accelerator.num_processes,
             process_index=accelerator.process_index,
             pin_memory=cuda,
         )
-        accum = config.grad_accum
+        accum = plan.grad_accum
         loss_sum = torch.zeros((), device=device)
         grad_norm: torch.Tensor | None = None
         steps_since_log = 0
         cancelled = False
         checkpoint_dir = checkpoint
+        first_step_s: float | None = None
         module.train()
         loop_started = last_log = time.perf_counter()
+
+        def micro_step(input_ids: torch.Tensor, last: bool) -> torch.Tensor:
+            with nullcontext() if last else accelerator.no_sync(ddp_loss):
+                with precision.autocast():
+                    loss = ddp_loss(input_ids, labels=input_ids).mean()
+                accelerator.backward(loss / accum)
+            return loss.detach()
 
         with Prefetcher(batches) as prefetched:
             while state.step < total_steps and not cancelled:
@@ -212,12 +245,16 @@ def run_cpt(
                 for micro in range(accum):
                     input_ids, position = next(prefetched)
                     input_ids = input_ids.to(device, non_blocking=True)
-                    sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(ddp_module)
-                    with sync:
-                        with precision.autocast():
-                            loss = forward(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-                        accelerator.backward(loss / accum)
-                    loss_sum += loss.detach()
+                    if first_step_s is None and micro == 0 and loss_module.compiled:
+                        try:  # compilation happens here, on the first call
+                            loss_sum += micro_step(input_ids, last=accum == 1)
+                        except Exception as exc:  # noqa: BLE001  (any backend failure: train eagerly instead)
+                            warnings.warn(f"torch.compile failed, training eagerly: {exc}", stacklevel=1)
+                            optimizer.zero_grad(set_to_none=True)
+                            loss_module.disable_compile()
+                            loss_sum += micro_step(input_ids, last=accum == 1)
+                    else:
+                        loss_sum += micro_step(input_ids, last=micro == accum - 1)
                 if frozen is not None:
                     frozen.zero_grads()
                 if config.max_grad_norm is not None:
@@ -230,6 +267,8 @@ def run_cpt(
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.tokens_seen += tokens_per_step
+                if first_step_s is None:
+                    first_step_s = time.perf_counter() - loop_started
                 state.position = position
                 steps_since_log += 1
 
@@ -259,6 +298,10 @@ def run_cpt(
                     )
         loop_seconds = time.perf_counter() - loop_started
         trained_tokens = (state.step - resumed_from) * tokens_per_step
+        if loss_module.compiled and first_step_s is not None and state.step - resumed_from > 1:
+            # Steady state: the first step's compilation is reported on its own (`first_step_s`).
+            loop_seconds -= first_step_s
+            trained_tokens -= tokens_per_step
 
         model_dir = adapter_dir = None
         if cancelled:
@@ -275,6 +318,9 @@ def run_cpt(
             seconds=time.perf_counter() - started,
             tokens_per_s=trained_tokens / loop_seconds if trained_tokens else 0.0,
             resumed_from=resumed_from,
+            micro_batch=plan.micro_batch,
+            compiled=loss_module.compiled,
+            first_step_s=first_step_s,
             model_dir=model_dir,
             adapter_dir=adapter_dir,
             checkpoint_dir=checkpoint_dir,
@@ -298,6 +344,46 @@ def _accelerator() -> Accelerator:
     """
     AcceleratorState._reset_state()
     return Accelerator(mixed_precision="no")
+
+
+def _micro_batch_plan(
+    model: PreTrainedModel,
+    config: CPTConfig,
+    state: _TrainState,
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    accelerator: Accelerator,
+) -> MicroBatchPlan:
+    """The configured micro-batches, those of the run being resumed, or on a GPU the largest that fit
+    (`memory.fit_micro_batch`, measured eagerly on random ids; every process takes the smallest of their choices)."""
+    sequences = config.batch_size * config.grad_accum
+    if state.micro_batch is not None:
+        return MicroBatchPlan(state.micro_batch, sequences // state.micro_batch, None)
+    device = accelerator.device
+    if device.type != "cuda" or not config.auto_micro_batch:
+        return MicroBatchPlan(config.batch_size, config.grad_accum, None)
+    probe = CausalLMLoss(model)
+    vocab = input_rows(model).shape[0]
+    generator = torch.Generator().manual_seed(0)
+
+    def run_pass(m: int) -> None:
+        ids = torch.randint(0, vocab, (m, config.seq_len), generator=generator).to(device)
+        rng = torch.cuda.get_rng_state(device)  # dropout draws: the training run must not see the probe
+        try:
+            with precision.autocast():
+                probe(ids, labels=ids).mean().backward()
+        finally:
+            torch.cuda.set_rng_state(rng, device)
+            for p in params.values():
+                p.grad = None
+
+    optimizer_bytes = 0 if optimizer.state else sum(8 * p.numel() for p in params.values())  # AdamW's two moments
+    plan = fit_micro_batch(run_pass, sequences, device=device, optimizer_bytes=optimizer_bytes)
+    if accelerator.num_processes > 1:
+        smallest = int(accelerator.gather(torch.tensor([plan.micro_batch], device=device)).min())
+        plan = MicroBatchPlan(smallest, sequences // smallest, None)
+    return plan
 
 
 def _cancel_requested(
@@ -395,6 +481,7 @@ def _save_checkpoint(
             "tokens_seen": state.tokens_seen,
             "position": state.position.to_dict(),
             "loss": state.loss,
+            "micro_batch": state.micro_batch,
             "num_processes": accelerator.num_processes,
             "config": config.model_dump(mode="json"),
             "trainable": list(params),
@@ -449,6 +536,7 @@ def _load_checkpoint(
         tokens_seen=meta["tokens_seen"],
         position=StreamPosition.from_dict(meta["position"]),
         loss=meta["loss"],
+        micro_batch=meta.get("micro_batch"),
     )
 
 

@@ -40,6 +40,7 @@ from langadapt.core.adaptation.config import SFTConfig
 from langadapt.core.adaptation.device import compute_device
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.evaluate.generation import chat_ids, has_chat_template, pad_token_id
+from langadapt.core.adaptation.lm_loss import IGNORE_INDEX, CausalLMLoss
 from langadapt.core.adaptation.train.common import (
     ProgressCallback,
     adamw,
@@ -52,8 +53,6 @@ from langadapt.core.adaptation.train.common import (
     trainable_parameters,
 )
 from langadapt.core.adaptation.weights import input_rows
-
-IGNORE_INDEX = -100
 
 Message = Mapping[str, str]
 Example = Mapping[str, Sequence[Message]]
@@ -230,6 +229,7 @@ def run_sft(
     scheduler = lr_schedule(optimizer, config, warmup_steps=warmup_steps, total_steps=total_steps)
     device = precision.device
     pad = pad_token_id(tokenizer)
+    loss_module = CausalLMLoss(model)  # the CPT engine's chunked LM head + loss (`lm_loss.py`)
 
     step = tokens = 0
     first_loss = final_loss = None
@@ -243,13 +243,7 @@ def run_sft(
             for batch in micro_batches:
                 input_ids, mask, labels = (t.to(device) for t in _collate([encoded[i] for i in batch], pad))
                 with precision.autocast():
-                    logits = module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-                nats = nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(),
-                    labels[:, 1:].flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
+                    nats = loss_module(input_ids, labels=labels, attention_mask=mask).sum()
                 (nats / step_tokens).backward()
                 loss_sum += nats.detach()
             grad_norm = None
