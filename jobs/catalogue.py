@@ -51,6 +51,13 @@ def check_model_reference(ref: str, *, param: str, team_id: str, settings: Setti
         raise _refused(ref, param, "no such file or directory")
 
 
+def local_location(ref: str, settings: Settings) -> str | None:
+    """The local file or folder a (checked) model reference names; None for s3:// models."""
+    entry = catalogue(settings).get(ref)
+    location = entry.location if entry is not None else ref
+    return None if "://" in location else os.path.realpath(location)
+
+
 def _check_s3_reference(ref: str, *, param: str, team_id: str, store: ArtifactStore) -> None:
     if not isinstance(store, S3Store):
         raise _refused(ref, param, "this server has no S3 store")

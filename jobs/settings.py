@@ -48,6 +48,22 @@ class Settings(BaseSettings):
     )
     mera_dir: str | None = Field(None, description="MERA task files for mc_ruworldtree / mera_arith")
 
+    # The most one job may ask for: a spec beyond any of them is a 422 `limit_exceeded` at submit (jobs/limits.py).
+    max_new_tokens: int = Field(256_000, gt=0, description="vocab.new_tokens")
+    max_vocab_size: int = Field(512_000, gt=0, description="vocab.vocab_size and vocab.keep_tokens")
+    max_seq_len: int = Field(32_768, gt=0, description="cpt.seq_len and calibration.sft.max_len")
+    max_batch_size: int = Field(1024, gt=0, description="every batch_size of a spec")
+    max_batch_tokens: int = Field(262_144, gt=0, description="tokens of one training micro-batch: batch x length")
+    max_steps: int = Field(1_000_000, gt=0, description="cpt.steps")
+    max_train_tokens: int = Field(
+        20_000_000_000, gt=0, description="CPT token budget: steps x batch_size x grad_accum x seq_len"
+    )
+    max_lora_r: int = Field(1024, gt=0, description="cpt.lora_r and calibration.sft.lora_r")
+    max_calibration_examples: int = Field(1_000_000, gt=0, description="self-calibration plus copy examples")
+    max_sft_epochs: int = Field(100, gt=0, description="calibration.sft.epochs")
+    max_generation_tokens: int = Field(8192, gt=0, description="calibration.max_new_tokens")
+    max_eval_items: int = Field(100_000, gt=0, description="evaluation.limit")
+
     metrics_token: str | None = Field(None, description="bearer token /metrics requires (job counts are service-wide)")
     max_upload_bytes: int = Field(2 << 30, gt=0)
     presign_ttl_s: int = Field(900, gt=0)
