@@ -5,13 +5,15 @@ Dependencies that do no I/O are `async def`: FastAPI runs sync ones in the threa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from langadapt.api.streams import DatabaseSlots
 from langadapt.jobs.errors import ServiceError
 from langadapt.jobs.models import Team
 from langadapt.jobs.runtime import Services
@@ -32,12 +34,25 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_session(services: ServicesDep) -> Iterator[Session]:
-    with services.sessions() as session:
-        yield session
+async def get_slots(request: Request) -> DatabaseSlots:
+    return request.app.state.db_slots
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SlotsDep = Annotated[DatabaseSlots, Depends(get_slots)]
+
+
+async def get_session(services: ServicesDep, slots: SlotsDep) -> AsyncIterator[Session]:
+    """A session inside a database slot (`streams.DatabaseSlots`), closed (its connection back in the pool) as soon
+    as the route returns, before the response is sent: a streamed response holds none."""
+    async with slots.slot():
+        session = services.sessions()
+        try:
+            yield session
+        finally:
+            await run_in_threadpool(session.close)  # returning a connection may talk to the database
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 async def get_settings(services: ServicesDep) -> Settings:

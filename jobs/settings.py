@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     max_generation_tokens: int = Field(8192, gt=0, description="calibration.max_new_tokens")
     max_eval_items: int = Field(100_000, gt=0, description="evaluation.limit")
 
+    api_db_slots: int = Field(
+        32, gt=0, description="requests using the database at once per API process (below the pool and threads)"
+    )
+    api_db_wait_s: float = Field(30.0, gt=0, description="how long a request waits for a slot before a 503")
+    max_event_streams: int = Field(2000, gt=0, description="open event streams per API process")
+    max_event_streams_per_team: int = Field(500, gt=0, description="open event streams of one team per API process")
+
     metrics_token: str | None = Field(None, description="bearer token /metrics requires (job counts are service-wide)")
     max_upload_bytes: int = Field(2 << 30, gt=0)
     presign_ttl_s: int = Field(900, gt=0)

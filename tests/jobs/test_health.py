@@ -64,7 +64,11 @@ def test_local_store_streams_artifacts_and_refuses_traversal(tmp_path, make_sett
     auth = {"Authorization": f"Bearer {key}"}
     with TestClient(create_app(settings)) as client:
         corpus = client.post("/v1/files", headers=auth, files={"file": ("c.txt", "текст\n".encode())}).json()
-        body = {"base_model": str(settings.allowed_model_roots[0]) + "/base", "corpus_file": corpus["id"]}
+        body = {
+            "base_model": str(settings.allowed_model_roots[0]) + "/base",
+            "corpus_file": corpus["id"],
+            "cpt": {"seq_len": 64},  # within the tiny model's 256 positions
+        }
         job = client.post("/v1/jobs", headers=auth, json=body).json()
         services = client.app.state.services
         services.store.put_bytes(f"teams/x/jobs/{job['id']}/artifacts/evaluate/scores.json", b"[1, 2]")

@@ -104,7 +104,12 @@ def test_concurrent_duplicate_submissions_create_one_job(settings, model_root) -
     n = 200
     with LiveServer(settings) as server, httpx.Client(base_url=server.url, headers=auth, timeout=60) as api:
         corpus = api.post("/v1/files", files={"file": ("c.txt", "текст для проверки\n".encode())}).json()["id"]
-        body = {"base_model": str(model_root / "base"), "corpus_file": corpus, "labels": {"batch": "dup"}}
+        body = {
+            "base_model": str(model_root / "base"),
+            "corpus_file": corpus,
+            "cpt": {"seq_len": 64},  # within the tiny model's 256 positions
+            "labels": {"batch": "dup"},
+        }
 
         def post(idempotency_key: str, payload: dict) -> httpx.Response:
             with httpx.Client(base_url=server.url, headers=auth, timeout=60) as own:
