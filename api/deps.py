@@ -6,6 +6,7 @@ Dependencies that do no I/O are `async def`: FastAPI runs sync ones in the threa
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -72,13 +73,30 @@ api_key = HTTPBearer(auto_error=False, scheme_name="APIKey", description="a team
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(api_key)]
 
 
-def current_team(credentials: Credentials, session: SessionDep) -> Team:
+def _api_key(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or not credentials.credentials.strip():
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    team = authenticate(session=session, key=credentials.credentials.strip())
+    return credentials.credentials.strip()
+
+
+def _team_of(session: Session, *, key: str) -> Team:
+    team = authenticate(session=session, key=key)
     if team is None:
         raise Unauthenticated("invalid or revoked API key")
     return team
 
 
+def current_team(credentials: Credentials, session: SessionDep) -> Team:
+    return _team_of(session, key=_api_key(credentials))
+
+
 CurrentTeam = Annotated[Team, Depends(current_team)]
+
+
+async def team_before_body(credentials: Credentials, services: ServicesDep, slots: SlotsDep) -> Team:
+    """`current_team` for routes that read a long body themselves (uploads): checked before a byte of it is
+    read, with a session of its own that is closed at once (nothing is held while the body arrives)."""
+    return await slots.run(services.sessions, partial(_team_of, key=_api_key(credentials)))
+
+
+TeamBeforeBody = Annotated[Team, Depends(team_before_body)]

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
 
     metrics_token: str | None = Field(None, description="bearer token /metrics requires (job counts are service-wide)")
     max_upload_bytes: int = Field(2 << 30, gt=0)
+    max_corpus_chars: int = Field(20_000_000_000, gt=0, description="characters of an uploaded corpus, decompressed")
+    max_line_chars: int = Field(10_000_000, gt=0, description="characters of one line (document) of an upload")
     presign_ttl_s: int = Field(900, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0, description="worker heartbeat and cancel-flag poll period")
     heartbeat_timeout_s: float = Field(120.0, gt=0)
