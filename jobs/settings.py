@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(1.0, gt=0, description="worker heartbeat and cancel-flag poll period")
     heartbeat_timeout_s: float = Field(120.0, gt=0)
     reaper_interval_s: float = Field(30.0, gt=0)
+    worker_beat_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="how often a worker records that it is alive; /readyz wants a GPU worker's beat within 3 intervals",
+    )
     visibility_timeout_s: int = Field(7 * 24 * 3600, gt=0, description="above the longest job")
 
     @model_validator(mode="after")

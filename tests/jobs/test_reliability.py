@@ -78,7 +78,9 @@ def test_cancel_frees_the_worker_and_a_cancelled_queued_job_never_starts(
     first = client.post("/v1/jobs", headers=auth, json=body).json()
     wait_for(client, auth, first["id"], lambda j: cpt_step(j) >= 10)
     never = client.post("/v1/jobs", headers=auth, json={**body, "labels": {"n": "never"}}).json()
-    after = client.post("/v1/jobs", headers=auth, json={**body, "labels": {"n": "next"}, "cpt": {"steps": 2}}).json()
+    after = client.post(
+        "/v1/jobs", headers=auth, json={**body, "labels": {"n": "next"}, "cpt": {**LONG_CPT, "steps": 2}}
+    ).json()
     cancelled_queued = client.post(f"/v1/jobs/{never['id']}/cancel", headers=auth).json()
     assert cancelled_queued["status"] == "cancelled"
 
