@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from langadapt.api import errors, metrics
+from langadapt.api.headers import HeaderLimitMiddleware
 from langadapt.api.routes import ROUTERS
 from langadapt.api.streams import DatabaseSlots, EventWatcher, StreamGate
 from langadapt.jobs.db import check_migrated
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db_slots, app.state.event_watcher = slots, watcher
     app.state.stream_gate = StreamGate(settings.max_event_streams, settings.max_event_streams_per_team)
     app.state.registry, latency = metrics.new_registry(services.sessions)
+    app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)
     app.add_middleware(metrics.LatencyMiddleware, latency=latency)
     errors.install(app)
     for router in ROUTERS:

@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     max_generation_tokens: int = Field(8192, gt=0, description="calibration.max_new_tokens")
     max_eval_items: int = Field(100_000, gt=0, description="evaluation.limit")
 
+    max_header_bytes: int = Field(65_536, gt=0, description="request headers, all together (431 beyond)")
     api_db_slots: int = Field(
         32, gt=0, description="requests using the database at once per API process (below the pool and threads)"
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 
 import httpx
@@ -124,9 +123,12 @@ def test_cancel_stops_cpt_and_retry_resumes_from_the_checkpoint(
         a["name"]: a["sha256"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]
     }
 
-    # Retry on "another machine" (the worker's scratch space is gone): completed stages and the cancel checkpoint
-    # come back from storage; completed stages are not re-run and CPT resumes from the checkpoint.
-    shutil.rmtree(os.path.join(settings.work, "jobs", job["id"]))
+    # The worker's scratch space is removed when the job ends, so the retry is as on "another machine": completed
+    # stages and the cancel checkpoint come back from storage; they are not re-run and CPT resumes from it.
+    deadline = time.monotonic() + 30
+    while os.path.exists(os.path.join(settings.work, "jobs", job["id"])):
+        assert time.monotonic() < deadline, "scratch space left behind"
+        time.sleep(0.1)
     retried = client.post(f"/v1/jobs/{job['id']}/retry", headers=auth).json()
     assert retried["status"] == "queued" and retried["attempt"] == 2
     done = wait_for(client, auth, job["id"], lambda j: j["status"] in TERMINAL)
@@ -189,3 +191,7 @@ def test_a_diverging_run_fails_as_training_diverged_and_publishes_no_model(
     }
     names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]}
     assert not any(name.startswith(("cpt/", "evaluate/")) for name in names) and "init/model.safetensors" in names
+    deadline = time.monotonic() + 30
+    while os.path.exists(os.path.join(settings.work, "jobs", job["id"])):  # no scratch left behind
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
