@@ -48,7 +48,7 @@ def busy_broker(broker_url: str, stop: threading.Event) -> None:
 def run(method: str, forks: int, timeout: float, database_url: str, broker_url: str) -> dict:
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(["langadapt.jobs.db", "sqlalchemy"])
+        context.set_forkserver_preload(["__main__", "langadapt.jobs.db", "sqlalchemy.dialects.sqlite"])
     stop = threading.Event()
     poller = threading.Thread(target=busy_broker, args=(broker_url, stop), daemon=True)
     poller.start()

@@ -29,7 +29,7 @@ def services() -> Services:
 # has imported the training code and never opened a database, broker or file handle. A fork of this worker could
 # inherit a lock held by another of its threads at that instant (SQLite's, polling the embedded broker) and hang.
 JOB_PROCESSES = multiprocessing.get_context("forkserver")
-JOB_PROCESSES.set_forkserver_preload(["langadapt.worker.runner"])
+JOB_PROCESSES.set_forkserver_preload(["__main__", "langadapt.worker.runner"])
 
 
 @app.task(name=RUN_JOB, bind=True, max_retries=None)
