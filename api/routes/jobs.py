@@ -3,28 +3,24 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session
 
 from langadapt.api.deps import CurrentTeam, ServicesDep, SessionDep, SettingsDep, StoreDep
 from langadapt.api.routes.pagination import Limit, parse_labels
 from langadapt.api.schemas import ERROR_RESPONSES, ErrorBody, EventPublic, EventsPublic, JobPublic, JobsPublic
-from langadapt.api.streams import DatabaseSlots, EventWatcher, GatedStreamingResponse, StreamGate
+from langadapt.api.streams import EventWatcher, GatedStreamingResponse, StreamGate
 from langadapt.core.adaptation.config import INT64_MAX
 from langadapt.jobs import service
 from langadapt.jobs.errors import Invalid
-from langadapt.jobs.models import TERMINAL, JobEvent, JobStatus, Team
+from langadapt.jobs.models import JobStatus
 from langadapt.jobs.queue import dispatch
-from langadapt.jobs.runtime import Services
 from langadapt.jobs.spec import JobRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
-SSE_PAGE = 500
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -108,7 +104,7 @@ def list_events(
         gate: StreamGate = request.app.state.stream_gate
         gate.open(team.id)
         return GatedStreamingResponse(
-            _stream(request, team, job.id, start),
+            _stream(request.app.state.event_watcher, job.id, start),
             release=lambda: gate.close(team.id),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -123,32 +119,18 @@ def _event_cursor(value: str) -> int:
     return int(value)
 
 
-async def _stream(request: Request, team: Team, job_id: str, after: int | None) -> AsyncIterator[str]:
-    """Reads when the watcher says the job changed (and once at the start); holds no connection in between."""
-    services: Services = request.app.state.services
-    slots: DatabaseSlots = request.app.state.db_slots
-    watcher: EventWatcher = request.app.state.event_watcher
-    async with watcher.watch(job_id) as changed:
+async def _stream(watcher: EventWatcher, job_id: str, after: int | None) -> AsyncIterator[str]:
+    """Writes out what the watcher reads for this stream; ends with the job once every event is sent."""
+    async with watcher.watch(job_id, after) as subscription:
         while True:
-            changed.clear()
-            read = partial(_read, team=team, job_id=job_id, after=after)
-            events, status = await slots.run(services.sessions, read)
-            for event in events:
-                after = event.id
-                payload = EventPublic.of(event).model_dump_json()
-                yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n"
-            if len(events) == SSE_PAGE:
-                continue
-            if status in TERMINAL:
-                yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+            subscription.wake.clear()
+            for event in subscription.take():
+                yield f"id: {event.id}\nevent: {event.type}\ndata: {event.payload}\n\n"
+            if subscription.finished:
+                assert subscription.state is not None
+                yield f"event: end\ndata: {json.dumps({'status': subscription.state[0]})}\n\n"
                 return
             try:
-                await asyncio.wait_for(changed.wait(), SSE_KEEPALIVE_S)
+                await asyncio.wait_for(subscription.wake.wait(), SSE_KEEPALIVE_S)
             except TimeoutError:
                 yield ": keep-alive\n\n"
-
-
-def _read(session: Session, *, team: Team, job_id: str, after: int | None) -> tuple[list[JobEvent], str]:
-    job = service.get_job(session, team, job_id)
-    events, _ = service.list_events(session, job, after=after, limit=SSE_PAGE)
-    return events, job.status
