@@ -5,13 +5,16 @@ Dependencies that do no I/O are `async def`: FastAPI runs sync ones in the threa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from langadapt.api.streams import DatabaseSlots
 from langadapt.jobs.errors import ServiceError
 from langadapt.jobs.models import Team
 from langadapt.jobs.runtime import Services
@@ -32,12 +35,25 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_session(services: ServicesDep) -> Iterator[Session]:
-    with services.sessions() as session:
-        yield session
+async def get_slots(request: Request) -> DatabaseSlots:
+    return request.app.state.db_slots
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SlotsDep = Annotated[DatabaseSlots, Depends(get_slots)]
+
+
+async def get_session(services: ServicesDep, slots: SlotsDep) -> AsyncIterator[Session]:
+    """A session inside a database slot (`streams.DatabaseSlots`), closed (its connection back in the pool) as soon
+    as the route returns, before the response is sent: a streamed response holds none."""
+    async with slots.slot():
+        session = services.sessions()
+        try:
+            yield session
+        finally:
+            await run_in_threadpool(session.close)  # returning a connection may talk to the database
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 async def get_settings(services: ServicesDep) -> Settings:
@@ -57,13 +73,30 @@ api_key = HTTPBearer(auto_error=False, scheme_name="APIKey", description="a team
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(api_key)]
 
 
-def current_team(credentials: Credentials, session: SessionDep) -> Team:
+def _api_key(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or not credentials.credentials.strip():
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    team = authenticate(session=session, key=credentials.credentials.strip())
+    return credentials.credentials.strip()
+
+
+def _team_of(session: Session, *, key: str) -> Team:
+    team = authenticate(session=session, key=key)
     if team is None:
         raise Unauthenticated("invalid or revoked API key")
     return team
 
 
+def current_team(credentials: Credentials, session: SessionDep) -> Team:
+    return _team_of(session, key=_api_key(credentials))
+
+
 CurrentTeam = Annotated[Team, Depends(current_team)]
+
+
+async def team_before_body(credentials: Credentials, services: ServicesDep, slots: SlotsDep) -> Team:
+    """`current_team` for routes that read a long body themselves (uploads): checked before a byte of it is
+    read, with a session of its own that is closed at once (nothing is held while the body arrives)."""
+    return await slots.run(services.sessions, partial(_team_of, key=_api_key(credentials)))
+
+
+TeamBeforeBody = Annotated[Team, Depends(team_before_body)]

@@ -20,8 +20,11 @@ log = logging.getLogger("langadapt.api")
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 
-def error_response(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "param": param}}, status_code=status)
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, *, retry_after: int | None = None
+) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": {"code": code, "message": message, "param": param}}, status, headers)
 
 
 def _param(error: dict) -> str:
@@ -36,7 +39,7 @@ def _param(error: dict) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.param)
+        return error_response(exc.status, exc.code, exc.message, exc.param, retry_after=exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -36,7 +37,7 @@ def serve(args: argparse.Namespace) -> None:
         _prepare_broker(settings)
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so the workers are stopped.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    workers = [] if args.no_worker else _start_workers(settings)
+    workers = WorkerSupervisor([] if args.no_worker else _worker_commands(settings))
     print(
         json.dumps(
             {
@@ -44,11 +45,12 @@ def serve(args: argparse.Namespace) -> None:
                 "docs": f"http://{args.host}:{args.port}/docs",
                 "database": settings.database.split("@")[-1],
                 "storage": settings.storage,
-                "worker_pids": [process.pid for process in workers],
+                "worker_pids": workers.pids(),
             }
         ),
         flush=True,
     )
+    workers.start()
     try:
         # The factory string lets uvicorn start one API process per --workers (each builds its app from settings).
         uvicorn.run(
@@ -60,8 +62,7 @@ def serve(args: argparse.Namespace) -> None:
             log_level=args.log_level,
         )
     finally:
-        for process in workers:
-            _stop(process)
+        workers.stop()
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -77,16 +78,51 @@ def _prepare_broker(settings: Settings) -> None:
         _ = connection.default_channel
 
 
-def _start_workers(settings: Settings) -> list[subprocess.Popen[bytes]]:
+def _worker_commands(settings: Settings) -> list[list[str]]:
     """One GPU-queue worker (one job at a time) and one maintenance worker running the reaper's schedule."""
     return [
-        subprocess.Popen(worker_command([settings.queue(GPU)], beat=False), start_new_session=True),
-        subprocess.Popen(worker_command([settings.queue(MAINTENANCE)], beat=True), start_new_session=True),
+        worker_command([settings.queue(GPU)], beat=False),
+        worker_command([settings.queue(MAINTENANCE)], beat=True),
     ]
 
 
+class WorkerSupervisor(threading.Thread):
+    """The embedded workers, each started again when it dies (killed, crashed) while the service runs."""
+
+    def __init__(self, commands: list[list[str]], poll_s: float = 1.0) -> None:
+        super().__init__(daemon=True, name="worker-supervisor")
+        self.commands, self.poll_s = commands, poll_s
+        self.processes = [self._spawn(command) for command in commands]
+        self.stopping = threading.Event()
+
+    @staticmethod
+    def _spawn(command: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, start_new_session=True)
+
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.poll_s):
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None and not self.stopping.is_set():
+                    self.processes[index] = self._spawn(self.commands[index])
+                    print(
+                        json.dumps({"worker_restarted": self.processes[index].pid, "exit_code": process.returncode}),
+                        flush=True,
+                    )
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join()
+        for process in self.processes:
+            _stop(process)
+
+
 def worker_command(queues: list[str], *, beat: bool, name: str | None = None) -> list[str]:
-    """The Celery worker command line: one job at a time; with `beat`, the reaper's schedule (solo pool)."""
+    """The Celery worker command line: one job at a time in the solo pool (the worker never forks: jobs run in
+    processes it executes, `worker/app.py`); with `beat`, the reaper's schedule."""
     command = [
         sys.executable,
         "-m",
@@ -102,9 +138,11 @@ def worker_command(queues: list[str], *, beat: bool, name: str | None = None) ->
         "INFO",
         "-n",
         f"{name or re.sub(r'[^A-Za-z0-9_.-]', '-', '-'.join(queues))}@%h",
+        "--pool",
+        "solo",
     ]
     if beat:
-        command += ["--beat", "--pool", "solo"]
+        command += ["--beat"]
     return command
 
 

@@ -20,7 +20,7 @@ from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.manifest import MANIFEST, is_complete, read_manifest, sha256_file
 from langadapt.core.adaptation.rundir import CPT_WORK, TrainingDir, stage_dirname
 from langadapt.jobs import execution, layout
-from langadapt.jobs.catalogue import catalogue, model_objects, store_key
+from langadapt.jobs.catalogue import allowed_path, catalogue, model_objects, store_key
 from langadapt.jobs.models import Artifact, Job
 from langadapt.jobs.settings import Settings
 from langadapt.jobs.storage import ArtifactStore, S3Store, StorageError
@@ -91,13 +91,13 @@ class JobArtifacts:
             for row in rows:
                 self.store.download(row.storage_key, os.path.join(run_dir, row.name))
 
-    def save_checkpoint(self, run_dir: str) -> None:
-        """Keep an interrupted CPT's latest checkpoint in storage too, so a retry on another machine resumes it.
-        Best-effort: the local copy stays for a retry here; the marker is written last."""
+    def save_checkpoint(self, run_dir: str) -> bool:
+        """Keep an interrupted CPT's latest checkpoint in storage, so a retry on any machine resumes it; False when
+        storage failed (then the local copy must stay for a retry here). The marker is written last."""
         work = TrainingDir(os.path.join(run_dir, CPT_WORK))
         checkpoint = work.latest_checkpoint()
         if checkpoint is None:
-            return
+            return True
         prefix = self.prefix + "checkpoints/"
         files = [work.config] + [os.path.join(root, name) for root, _, names in os.walk(checkpoint) for name in names]
         try:
@@ -108,6 +108,8 @@ class JobArtifacts:
             self.store.put_bytes(prefix + CHECKPOINT_MARKER, json.dumps(marker).encode())
         except (StorageError, OSError) as exc:
             log.warning("job %s: checkpoint not saved to storage: %s", self.job.id, exc)
+            return False
+        return True
 
     def restore_checkpoint(self, run_dir: str) -> None:
         """Before a retry on a machine without the interrupted CPT's checkpoint, fetch it from storage."""
@@ -136,6 +138,11 @@ def local_model(settings: Settings, store: ArtifactStore, ref: str) -> str:
     if entry is not None and entry.source == "builtin":
         return ref
     location = entry.location if entry is not None else ref
+    if entry is None and not location.startswith("s3://"):
+        real = allowed_path(location, settings)  # resolved again: a link swapped in since submit is refused
+        if real is None:
+            raise AdaptationInputError(f"model {ref!r} now resolves outside the allowed model roots", "invalid_model")
+        return real
     if not location.startswith("s3://"):
         return location
     key = store_key(store, location) if isinstance(store, S3Store) else None

@@ -81,15 +81,16 @@ def run_attempt(
         log.exception("job %s failed", job.id)
         status = JobStatus.failed
         error = execution.JobError("internal_error", f"{type(exc).__name__}: {exc}", events.stage, "system")
-    if status != JobStatus.succeeded:
-        artifacts.save_checkpoint(run_dir)
+    checkpoint_kept = status == JobStatus.succeeded or artifacts.save_checkpoint(run_dir)
     if error is not None:
         events.message(f"failed: {error.message}", level="error", stage=error.stage)
-    if not _finish(sessions, job.id, worker, status, error):
+    recorded = _finish(sessions, job.id, worker, status, error)
+    if checkpoint_kept:  # completed stages and the checkpoint are in storage, where a retry restores them from
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if not recorded:
         log.warning("job %s was taken from this worker (reaped?): result %s not recorded", job.id, status)
         return None
-    if status == JobStatus.succeeded:  # everything is in storage now: drop scratch space and checkpoints
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if status == JobStatus.succeeded:
         artifacts.drop_checkpoint()
     return status
 

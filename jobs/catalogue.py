@@ -27,6 +27,10 @@ class CatalogueEntry:
     source: str  # builtin | configured
     location: str
 
+    @property
+    def kind(self) -> str:
+        return model_kind(self.location)
+
 
 def catalogue(settings: Settings) -> dict[str, CatalogueEntry]:
     entries = {name: CatalogueEntry(name, "builtin", path) for name, path in available_shortcuts().items()}
@@ -36,19 +40,46 @@ def catalogue(settings: Settings) -> dict[str, CatalogueEntry]:
 
 def check_model_reference(ref: str, *, param: str, team_id: str, settings: Settings, store: ArtifactStore) -> None:
     """Raise `Invalid` (code `invalid_model`) unless `ref` names a model this team may use."""
-    if ref in catalogue(settings):
+    entry = catalogue(settings).get(ref)
+    if entry is not None:
+        if entry.kind != "model":
+            raise _refused(ref, param, "a tokenizer, not a model")
         return
     if ref.startswith("s3://"):
         _check_s3_reference(ref, param=param, team_id=team_id, store=store)
         return
     if "://" in ref or not os.path.isabs(ref):
         raise _refused(ref, param, "not a catalogue name, an absolute path under an allowed root or an s3:// URI")
-    real = os.path.realpath(ref)
-    roots = [os.path.realpath(root) for root in settings.allowed_model_roots]
-    if not any(real == root or real.startswith(root + os.sep) for root in roots):
+    real = allowed_path(ref, settings)
+    if real is None:
         raise _refused(ref, param, "path is outside the allowed model roots")
     if not os.path.exists(real):
         raise _refused(ref, param, "no such file or directory")
+    if model_kind(real) != "model":
+        raise _refused(ref, param, "a tokenizer, not a model (a Hugging Face folder with config.json or a .gguf)")
+
+
+def allowed_path(path: str, settings: Settings) -> str | None:
+    """`path` with every symlink resolved, when that lies inside an allowed model root; else None. Checked at
+    submit and again when the worker opens the model (a link swapped in between is caught)."""
+    real = os.path.realpath(path)
+    roots = [os.path.realpath(root) for root in settings.allowed_model_roots]
+    return real if any(real == root or real.startswith(root + os.sep) for root in roots) else None
+
+
+def model_kind(location: str) -> str:
+    """`model` for what core loads as a model (a Hugging Face folder, a .gguf file, an s3:// URI, checked when
+    fetched), `tokenizer` for the rest (a SentencePiece / tiktoken / tokenizer.json file)."""
+    if location.startswith("s3://") or location.lower().endswith(".gguf"):
+        return "model"
+    return "model" if os.path.isfile(os.path.join(location, "config.json")) else "tokenizer"
+
+
+def local_location(ref: str, settings: Settings) -> str | None:
+    """The local file or folder a (checked) model reference names; None for s3:// models."""
+    entry = catalogue(settings).get(ref)
+    location = entry.location if entry is not None else ref
+    return None if "://" in location else os.path.realpath(location)
 
 
 def _check_s3_reference(ref: str, *, param: str, team_id: str, store: ArtifactStore) -> None:

@@ -27,6 +27,9 @@ class DatabaseNotMigrated(RuntimeError):
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
+    if "poolclass" not in kwargs:
+        # As many pooled connections as the API's thread pool has threads (40), above its database slots (32).
+        kwargs.update(pool_size=40, max_overflow=10, pool_timeout=5)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -34,9 +37,6 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    if "poolclass" not in kwargs:
-        # As many pooled connections as the API's thread pool has threads (40), so bursts do not churn them.
-        kwargs.update(pool_size=40, max_overflow=10, pool_timeout=5)
     return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5}, **kwargs)
 
 

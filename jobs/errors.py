@@ -10,6 +10,7 @@ from __future__ import annotations
 class ServiceError(Exception):
     status = 400
     code = "invalid_request"
+    retry_after: int | None = None  # seconds, sent as `Retry-After`
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from langadapt.jobs.models import Artifact, Job, JobEvent, JobStatus, Score, utcnow
+from langadapt.jobs.models import Artifact, Job, JobEvent, JobStatus, Score, WorkerBeat, utcnow
 
 ACTIVE = (JobStatus.running, JobStatus.cancelling)
 
@@ -169,3 +169,25 @@ def undispatched(session: Session, older_than_s: float) -> list[str]:
             select(Job.id).where(Job.status == JobStatus.queued, Job.dispatched_at.is_(None), Job.updated_at < cutoff)
         )
     )
+
+
+def worker_beat(session: Session, *, name: str, queues: list[str], pid: int) -> None:
+    """Record that the worker `name` (consuming `queues`) is alive now."""
+    row = session.get(WorkerBeat, name)
+    if row is None:
+        session.add(WorkerBeat(name=name, queues=",".join(queues), pid=pid))
+    else:
+        row.queues, row.pid, row.heartbeat_at = ",".join(queues), pid, utcnow()
+    session.commit()
+
+
+def worker_gone(session: Session, name: str) -> None:
+    session.execute(delete(WorkerBeat).where(WorkerBeat.name == name))
+    session.commit()
+
+
+def live_workers(session: Session, queue: str, within_s: float) -> list[WorkerBeat]:
+    """The workers consuming `queue` that have beaten within the last `within_s` seconds."""
+    cutoff = utcnow() - timedelta(seconds=within_s)
+    rows = session.scalars(select(WorkerBeat).where(WorkerBeat.heartbeat_at >= cutoff))
+    return [row for row in rows if queue in row.queues.split(",")]

@@ -43,9 +43,9 @@ def display_name(filename: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", base)[-200:]
 
 
-def upload_file(
-    *, session: Session, store: ArtifactStore, settings: Settings, team: Team, filename: str, source: BinaryIO
-) -> File:
+def store_upload(*, store: ArtifactStore, settings: Settings, team: Team, filename: str, source: BinaryIO) -> File:
+    """Validate an uploaded corpus and put it in the store; returns its row, not yet recorded (`record_upload`).
+    No database work: a request holds no connection while it reads, decompresses and stores the file."""
     suffix = corpus_suffix(filename)
     with tempfile.TemporaryDirectory(prefix="langadapt-upload-") as tmp:
         path = os.path.join(tmp, "corpus" + suffix)
@@ -53,7 +53,7 @@ def upload_file(
         if size == 0:
             raise Invalid("the file is empty", code="empty_file", param="file")
         try:
-            stats = corpus_stats(path)
+            stats = corpus_stats(path, max_chars=settings.max_corpus_chars, max_line_chars=settings.max_line_chars)
         except AdaptationInputError as exc:
             raise Invalid(str(exc).replace(path, display_name(filename)), code=exc.code, param="file") from None
         if stats.documents == 0:
@@ -73,6 +73,11 @@ def upload_file(
             store.put_file(row.storage_key, path)
         except StorageError as exc:
             raise Unavailable(f"artifact storage is unavailable: {exc}", code="storage_unavailable") from None
+    return row
+
+
+def record_upload(session: Session, *, store: ArtifactStore, row: File) -> File:
+    """Commit a stored upload's row; the stored object is removed again if that fails."""
     try:
         session.add(row)
         session.commit()

@@ -197,3 +197,15 @@ class Score(Base):
     value: Mapped[float] = mapped_column(Float)
     n: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WorkerBeat(Base):
+    """A live worker process: its queues and its last heartbeat (written every few seconds while it runs, jobs or
+    not), so readiness can tell whether any worker serves the GPU queue."""
+
+    __tablename__ = "worker_beats"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # the Celery node name
+    queues: Mapped[str] = mapped_column(String(1000))  # comma-separated queue names
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

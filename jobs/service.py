@@ -17,8 +17,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from langadapt.core.adaptation.task_names import MERA_TASKS
-from langadapt.jobs.catalogue import check_model_reference
+from langadapt.jobs.catalogue import check_model_reference, local_location
 from langadapt.jobs.errors import Conflict, Invalid, NotFound
+from langadapt.jobs.limits import check_limits, check_positions
 from langadapt.jobs.models import RETRYABLE, File, Job, JobEvent, JobLabel, JobStatus, Team, utcnow
 from langadapt.jobs.pages import page
 from langadapt.jobs.settings import Settings
@@ -107,6 +108,7 @@ def _replay(job: Job, fingerprint: str) -> Job:
 
 
 def _validate(*, session: Session, store: ArtifactStore, settings: Settings, team: Team, request: JobRequest) -> None:
+    check_limits(request, settings)
     for field, file_id in request.file_ids().items():
         row = session.get(File, file_id)
         if row is None or row.team_id != team.id:
@@ -114,6 +116,7 @@ def _validate(*, session: Session, store: ArtifactStore, settings: Settings, tea
     for field, ref in (("base_model", request.base_model), ("instruct_model", request.instruct_model)):
         if ref is not None:
             check_model_reference(ref, param=field, team_id=team.id, settings=settings, store=store)
+    check_positions(request, base_dir=local_location(request.base_model, settings))
     if MERA_TASKS.intersection(request.evaluation.tasks) and not settings.mera_dir:
         raise Invalid(
             "this server has no MERA data configured (LANGADAPT_MERA_DIR)",

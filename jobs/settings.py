@@ -48,12 +48,43 @@ class Settings(BaseSettings):
     )
     mera_dir: str | None = Field(None, description="MERA task files for mc_ruworldtree / mera_arith")
 
+    # The most one job may ask for: a spec beyond any of them is a 422 `limit_exceeded` at submit (jobs/limits.py).
+    max_new_tokens: int = Field(256_000, gt=0, description="vocab.new_tokens")
+    max_vocab_size: int = Field(512_000, gt=0, description="vocab.vocab_size and vocab.keep_tokens")
+    max_seq_len: int = Field(32_768, gt=0, description="cpt.seq_len and calibration.sft.max_len")
+    max_batch_size: int = Field(1024, gt=0, description="every batch_size of a spec")
+    max_batch_tokens: int = Field(262_144, gt=0, description="tokens of one training micro-batch: batch x length")
+    max_steps: int = Field(1_000_000, gt=0, description="cpt.steps")
+    max_train_tokens: int = Field(
+        20_000_000_000, gt=0, description="CPT token budget: steps x batch_size x grad_accum x seq_len"
+    )
+    max_lora_r: int = Field(1024, gt=0, description="cpt.lora_r and calibration.sft.lora_r")
+    max_calibration_examples: int = Field(1_000_000, gt=0, description="self-calibration plus copy examples")
+    max_sft_epochs: int = Field(100, gt=0, description="calibration.sft.epochs")
+    max_generation_tokens: int = Field(8192, gt=0, description="calibration.max_new_tokens")
+    max_eval_items: int = Field(100_000, gt=0, description="evaluation.limit")
+
+    max_header_bytes: int = Field(65_536, gt=0, description="request headers, all together (431 beyond)")
+    api_db_slots: int = Field(
+        32, gt=0, description="requests using the database at once per API process (below the pool and threads)"
+    )
+    api_db_wait_s: float = Field(30.0, gt=0, description="how long a request waits for a slot before a 503")
+    max_event_streams: int = Field(2000, gt=0, description="open event streams per API process")
+    max_event_streams_per_team: int = Field(500, gt=0, description="open event streams of one team per API process")
+
     metrics_token: str | None = Field(None, description="bearer token /metrics requires (job counts are service-wide)")
     max_upload_bytes: int = Field(2 << 30, gt=0)
+    max_corpus_chars: int = Field(20_000_000_000, gt=0, description="characters of an uploaded corpus, decompressed")
+    max_line_chars: int = Field(10_000_000, gt=0, description="characters of one line (document) of an upload")
     presign_ttl_s: int = Field(900, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0, description="worker heartbeat and cancel-flag poll period")
     heartbeat_timeout_s: float = Field(120.0, gt=0)
     reaper_interval_s: float = Field(30.0, gt=0)
+    worker_beat_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="how often a worker records that it is alive; /readyz wants a GPU worker's beat within 3 intervals",
+    )
     visibility_timeout_s: int = Field(7 * 24 * 3600, gt=0, description="above the longest job")
 
     @model_validator(mode="after")

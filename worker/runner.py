@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import uuid
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from langadapt.core.adaptation.pipeline import run_pipeline
@@ -18,6 +20,8 @@ from langadapt.jobs.models import JobStatus
 from langadapt.jobs.runtime import Services
 
 log = logging.getLogger("langadapt.worker")
+
+DATABASE_UNAVAILABLE = 75  # exit code of a job process that could not reach the database to claim its job
 
 
 def worker_name() -> str:
@@ -70,3 +74,19 @@ def run_job(services: Services, job_id: str) -> JobStatus | None:
         )
     finally:
         monitor.close()
+
+
+def job_process(job_id: str) -> None:
+    """The body of a job's own process (`tasks.run_job`): its own services, one job, exit code 75 when the
+    database could not be reached to claim it."""
+    from langadapt.jobs.runtime import build_services
+    from langadapt.jobs.settings import Settings
+
+    services = build_services(Settings())
+    try:
+        run_job(services, job_id)
+    except OperationalError as exc:
+        log.warning("job %s: database unavailable (%s)", job_id, exc)
+        sys.exit(DATABASE_UNAVAILABLE)
+    finally:
+        services.engine.dispose()

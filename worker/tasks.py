@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from functools import cache
 
 from celery import Task
-from sqlalchemy.exc import OperationalError
 
 from langadapt.jobs import execution
 from langadapt.jobs.queue import REAP, RUN_JOB, dispatch
 from langadapt.jobs.runtime import Services, build_services
 from langadapt.worker.app import app, settings
-from langadapt.worker.runner import run_job as run_one_job
+from langadapt.worker.runner import DATABASE_UNAVAILABLE, job_process
 
 log = logging.getLogger("langadapt.worker")
 
@@ -25,14 +25,26 @@ def services() -> Services:
     return build_services(settings)
 
 
+# Job processes are forked by a fork server: a single-threaded process executed (not forked) from this worker that
+# has imported the training code and never opened a database, broker or file handle. A fork of this worker could
+# inherit a lock held by another of its threads at that instant (SQLite's, polling the embedded broker) and hang.
+JOB_PROCESSES = multiprocessing.get_context("forkserver")
+JOB_PROCESSES.set_forkserver_preload(["__main__", "langadapt.worker.runner"])
+
+
 @app.task(name=RUN_JOB, bind=True, max_retries=None)
-def run_job(self: Task, job_id: str) -> str | None:
-    try:
-        status = run_one_job(services(), job_id)
-    except OperationalError as exc:  # the database is down before the job could be claimed: keep the message
-        log.warning("job %s: database unavailable (%s); retrying in %d s", job_id, exc, DB_RETRY_S)
-        raise self.retry(countdown=DB_RETRY_S) from exc
-    return None if status is None else str(status)
+def run_job(self: Task, job_id: str) -> int | None:
+    """Run the job in a fresh process (`runner.job_process`); its GPU memory and state go with it."""
+    process = JOB_PROCESSES.Process(target=job_process, args=(job_id,), name=f"job-{job_id}")
+    process.start()
+    process.join()
+    code = process.exitcode
+    if code == DATABASE_UNAVAILABLE:  # the database was down before the job could be claimed: keep the message
+        log.warning("job %s: database unavailable; retrying in %d s", job_id, DB_RETRY_S)
+        raise self.retry(countdown=DB_RETRY_S)
+    if code != 0:  # killed, or crashed outside the attempt: the reaper fails the job when its heartbeat stops
+        log.warning("job %s: its process ended with code %d", job_id, code)
+    return code
 
 
 @app.task(name=REAP)

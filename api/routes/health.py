@@ -12,18 +12,21 @@ from sqlalchemy import text
 from langadapt.api.deps import ServicesDep
 from langadapt.api.errors import error_response
 from langadapt.api.schemas import ErrorBody
+from langadapt.jobs.execution import live_workers
+from langadapt.jobs.queue import GPU
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/readyz", responses={503: {"model": ErrorBody, "description": "a dependency is down"}})
 def readyz(services: ServicesDep) -> JSONResponse:
-    """Ready when the database, the broker and the artifact storage all answer."""
+    """Ready when the database, the broker and the artifact storage all answer and a worker serving the GPU queue
+    has recorded that it is alive within the last three beat intervals."""
     checks: dict[str, str] = {}
     try:
         with services.engine.connect() as connection:
@@ -42,9 +45,16 @@ def readyz(services: ServicesDep) -> JSONResponse:
         checks["storage"] = "ok"
     except Exception as exc:
         checks["storage"] = f"unavailable: {type(exc).__name__}"
-    failing = [name for name, state in checks.items() if state != "ok"]
+    settings = services.settings
+    try:
+        with services.sessions() as session:
+            alive = live_workers(session, settings.queue(GPU), 3 * settings.worker_beat_interval_s)
+        checks["gpu_worker"] = "ok" if alive else "no GPU worker alive"
+    except Exception as exc:
+        checks["gpu_worker"] = f"unavailable: {type(exc).__name__}"
+    failing = [f"{name} ({state})" for name, state in checks.items() if state != "ok"]
     if failing:
-        error = {"code": "not_ready", "message": f"unavailable: {', '.join(failing)}", "param": None}
+        error = {"code": "not_ready", "message": f"not ready: {', '.join(failing)}", "param": None}
         return JSONResponse({"error": error, "checks": checks}, status_code=503)
     return JSONResponse({"status": "ready", "checks": checks})
 

@@ -7,20 +7,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from langadapt.api.deps import CurrentTeam, ServicesDep, SessionDep, SettingsDep, StoreDep
 from langadapt.api.routes.pagination import Limit, parse_labels
-from langadapt.api.schemas import ERROR_RESPONSES, EventPublic, EventsPublic, JobPublic, JobsPublic
+from langadapt.api.schemas import ERROR_RESPONSES, ErrorBody, EventPublic, EventsPublic, JobPublic, JobsPublic
+from langadapt.api.streams import EventWatcher, GatedStreamingResponse, StreamGate
+from langadapt.core.adaptation.config import INT64_MAX
 from langadapt.jobs import service
-from langadapt.jobs.models import TERMINAL, Job, JobStatus, Team
+from langadapt.jobs.errors import Invalid
+from langadapt.jobs.models import JobStatus
 from langadapt.jobs.queue import dispatch
-from langadapt.jobs.runtime import Services
 from langadapt.jobs.spec import JobRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
-SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -82,24 +82,30 @@ def retry_job(job_id: str, team: CurrentTeam, session: SessionDep, services: Ser
 @router.get(
     "/{job_id}/events",
     response_model=EventsPublic,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or SSE with that Accept"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON page, or SSE with that Accept"},
+        429: {"model": ErrorBody, "description": "too many open event streams (see Retry-After)"},
+    },
 )
 def list_events(
     job_id: str,
     request: Request,
     team: CurrentTeam,
     session: SessionDep,
-    services: ServicesDep,
     limit: Limit = 100,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=INT64_MAX)] = None,
+    last_event_id: Annotated[str | None, Header(max_length=40)] = None,
 ) -> EventsPublic | StreamingResponse:
-    """Events oldest first; with `Accept: text/event-stream` a live stream that ends when the job does."""
+    """Events oldest first; with `Accept: text/event-stream` a live stream that ends when the job does (the
+    `Last-Event-ID` header, when sent, takes the place of `after`)."""
     job = service.get_job(session, team, job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
-        last_seen = request.headers.get("last-event-id", "")
-        start = int(last_seen) if last_seen.isdigit() else after
-        return StreamingResponse(
-            _stream(services, team, job.id, start, request),
+        start = _event_cursor(last_event_id) if last_event_id else after
+        gate: StreamGate = request.app.state.stream_gate
+        gate.open(team.id)
+        return GatedStreamingResponse(
+            _stream(request.app.state.event_watcher, job.id, start),
+            release=lambda: gate.close(team.id),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -107,31 +113,24 @@ def list_events(
     return EventsPublic(data=[EventPublic.of(event) for event in rows], next=cursor)
 
 
-async def _stream(
-    services: ServicesDep, team: Team, job_id: str, after: int | None, request: Request
-) -> AsyncIterator[str]:
-    idle = 0.0
-    while not await request.is_disconnected():
-        events, job = await run_in_threadpool(_poll, services, team, job_id, after)
-        for event in events:
-            after = event.id
-            payload = EventPublic.of(event).model_dump_json()
-            yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n"
-        if events:
-            idle = 0.0
-            continue
-        if job.status in TERMINAL:
-            yield f"event: end\ndata: {json.dumps({'status': job.status})}\n\n"
-            return
-        await asyncio.sleep(SSE_POLL_S)
-        idle += SSE_POLL_S
-        if idle >= SSE_KEEPALIVE_S:
-            idle = 0.0
-            yield ": keep-alive\n\n"
+def _event_cursor(value: str) -> int:
+    if not value.isdigit() or int(value) > INT64_MAX:
+        raise Invalid("Last-Event-ID must be an event id (a non-negative integer)", param="Last-Event-ID")
+    return int(value)
 
 
-def _poll(services: Services, team: Team, job_id: str, after: int | None) -> tuple[list, Job]:
-    with services.sessions() as session:
-        job = service.get_job(session, team, job_id)
-        events, _ = service.list_events(session, job, after=after, limit=500)
-        return events, job
+async def _stream(watcher: EventWatcher, job_id: str, after: int | None) -> AsyncIterator[str]:
+    """Writes out what the watcher reads for this stream; ends with the job once every event is sent."""
+    async with watcher.watch(job_id, after) as subscription:
+        while True:
+            subscription.wake.clear()
+            for event in subscription.take():
+                yield f"id: {event.id}\nevent: {event.type}\ndata: {event.payload}\n\n"
+            if subscription.finished:
+                assert subscription.state is not None
+                yield f"event: end\ndata: {json.dumps({'status': subscription.state[0]})}\n\n"
+                return
+            try:
+                await asyncio.wait_for(subscription.wake.wait(), SSE_KEEPALIVE_S)
+            except TimeoutError:
+                yield ": keep-alive\n\n"

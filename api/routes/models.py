@@ -11,6 +11,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONS
 
 @router.get("", response_model=ModelsPublic)
 def list_models(_: CurrentTeam, settings: SettingsDep) -> ModelsPublic:
-    """The model catalogue: names a job may use as base_model / instruct_model (besides allowed paths)."""
-    entries = catalogue(settings).values()
+    """The model catalogue: names a job may use as base_model / instruct_model (besides allowed paths). Tokenizer
+    shortcuts (for the CLI's `--tokenizer`) are not models and are not listed."""
+    entries = [entry for entry in catalogue(settings).values() if entry.kind == "model"]
     return ModelsPublic(data=[ModelPublic(id=e.name, source=e.source) for e in entries])  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 from langadapt.api.deps import CurrentTeam, SessionDep
 from langadapt.api.routes.pagination import Limit, parse_labels
 from langadapt.api.schemas import ERROR_RESPONSES, ResultGroup, ResultGroupsPublic, ResultPublic, ResultsPublic
+from langadapt.core.adaptation.config import INT64_MAX
 from langadapt.jobs.errors import Invalid
 from langadapt.jobs.results import ALWAYS_GROUPED, COLUMNS, ResultFilter, group_keys, group_results, list_results
 
@@ -40,7 +41,7 @@ def read_results(
         ),
     ] = None,
     limit: Limit = 50,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=INT64_MAX)] = None,
 ) -> Any:
     """Score rows joined with their job's parameters, newest first; with `group_by`, one aggregate per group."""
     equals = {
@@ -57,8 +58,8 @@ def read_results(
     flt = ResultFilter(
         equals={k: v for k, v in equals.items() if v is not None},
         labels=parse_labels(label),
-        since=since,
-        until=until,
+        since=_utc(since, "since"),
+        until=_utc(until, "until"),
     )
     if group_by:
         names = [name.strip() for name in group_by.split(",") if name.strip()]
@@ -81,3 +82,13 @@ def read_results(
         )
     rows, cursor = list_results(session, team, flt, after=after, limit=limit)
     return ResultsPublic(data=[ResultPublic.join(score, job) for score, job in rows], next=cursor)
+
+
+def _utc(value: datetime | None, param: str) -> datetime | None:
+    """The time in UTC (a time without a zone is UTC); a time whose UTC date is outside years 1-9999 is a 422."""
+    if value is None:
+        return None
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise Invalid(f"{param} is out of range once converted to UTC", param=param) from None

@@ -11,11 +11,11 @@ A setting that contradicts another (warm-up longer than the run, an option the c
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from langadapt.core.adaptation.task_names import AVERAGED_TASKS, MICRO_AVG, TaskName
+from langadapt.core.adaptation.task_names import AVERAGED_TASKS, MICRO_AVG, TASK_NAMES, TaskName
 
 VocabMethod = Literal["bpe", "unigram", "extended", "optimized"]
 Priority = Literal["new-first", "old-first", "target-first"]
@@ -31,6 +31,12 @@ VARIANTS: tuple[Variant, ...] = get_args(Variant)
 CPT_TRAINABLE: tuple[CPTTrainable, ...] = get_args(CPTTrainable)
 DEFAULT_EVAL_TASKS: tuple[TaskName, ...] = ("symbols_per_token", "bits_per_char", "copy_ru", "generation_speed")
 
+INT64_MAX = 2**63 - 1
+# numpy, torch and Python's random all accept it (numpy's legacy seeding stops at 2**32 - 1).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="random seed, 0 to 2**32 - 1")]
+# An AdamW learning rate above 1 only diverges; bounding it keeps absurd values out at submit time.
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+
 
 class SpecConflict(ValueError):
     """A setting that contradicts another one; `field` is its dotted path relative to the model that raised it."""
@@ -40,8 +46,23 @@ class SpecConflict(ValueError):
         self.field = field
 
 
+def _out_of_int64(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return not -INT64_MAX - 1 <= value <= INT64_MAX
+    return isinstance(value, list | tuple) and any(_out_of_int64(item) for item in value)
+
+
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Floats must be finite (no NaN, Infinity or 1e400) everywhere in a spec.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _fits_in_64_bits(cls, value: Any) -> Any:
+        """No integer setting may exceed 64 bits: nothing downstream (torch, numpy, the database) can hold it."""
+        if _out_of_int64(value):
+            raise ValueError(f"integers must lie within ±{INT64_MAX}")
+        return value
 
     def changed_fields(self) -> list[str]:
         """The fields whose value differs from their default. Judged by value, not by whether the field was given,
@@ -111,30 +132,32 @@ class InitConfig(Config):
     """How the rows of new tokens start (overlapping tokens always copy their rows)."""
 
     method: InitMethod = Field("mean", description="mean: the mean of the token's old pieces (the paper); random")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class LRScale(Config):
     """Multipliers of the learning rate per parameter group (differential learning rates). In a tied model the
     one vocabulary matrix is `embeddings`."""
 
-    embeddings: float = Field(1.0, gt=0)
-    head: float = Field(1.0, gt=0)
-    layers: float = Field(1.0, gt=0, description="transformer layers: LoRA adapters (lora+head) or weights (full)")
+    embeddings: float = Field(1.0, gt=0, le=1000)
+    head: float = Field(1.0, gt=0, le=1000)
+    layers: float = Field(
+        1.0, gt=0, le=1000, description="transformer layers: LoRA adapters (lora+head) or weights (full)"
+    )
 
 
 class TrainingConfig(Config):
     """Optimiser, schedule and LoRA settings shared by CPT and SFT: AdamW (decay on matrices only), linear warm-up
     then cosine decay to `lr x min_lr_ratio`, global-norm clipping."""
 
-    lr: float = Field(gt=0)
+    lr: LearningRate
     lr_scale: LRScale = Field(default_factory=LRScale, description="lr multipliers per parameter group")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="global gradient-norm clip; null: none")
-    seed: int = 0
+    seed: Seed = 0
     log_every: int = Field(10, ge=1, description="progress reports (and host syncs of the loss) every N steps")
     lora_r: int = Field(ge=1)
     lora_alpha: float = Field(gt=0)
@@ -148,6 +171,9 @@ class TrainingConfig(Config):
         return betas
 
 
+_STEPS = TypeAdapter(Annotated[int, Field(ge=1)])
+
+
 class CPTConfig(TrainingConfig):
     """Continued pretraining (LEP §2.3). The paper's global batch is 256 sequences of 1024 tokens: `batch_size` x
     `grad_accum` x processes. lr 1e-4 is its rate for 32 K vocabularies (2e-4 for 128 K ones)."""
@@ -159,7 +185,7 @@ class CPTConfig(TrainingConfig):
     seq_len: int = Field(1024, ge=2, description="tokens per packed sequence")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch (per process)")
     grad_accum: int = Field(32, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(1e-4, gt=0)
+    lr: LearningRate = 1e-4
     warmup_steps: int = Field(  # type: ignore[assignment]  # None only until `_derived_defaults` fills it in
         None, ge=0, description="linear warm-up steps (default: 10 % of steps, at most 100)"
     )
@@ -198,8 +224,11 @@ class CPTConfig(TrainingConfig):
         if not isinstance(data, dict):
             return data
         if data.get("warmup_steps") is None:
-            steps = data.get("steps", cls.model_fields["steps"].default)
-            if isinstance(steps, int) and not isinstance(steps, bool):
+            try:  # as the field will read it (JSON's 1e3 is 1000); an invalid value is reported by the field
+                steps = _STEPS.validate_python(data.get("steps", cls.model_fields["steps"].default))
+            except ValidationError:
+                steps = None
+            if steps is not None:
                 data = {**data, "warmup_steps": min(100, steps // 10)}
         if data.get("train_rows") is None:  # on its own; a job spec decides from its vocabulary method first
             data = {**data, "train_rows": "all"}
@@ -233,7 +262,7 @@ class SFTConfig(TrainingConfig):
     embeddings and head, lr 2.5e-5, one epoch."""
 
     trainable: SFTTrainable = "lora+head"
-    lr: float = Field(2.5e-5, gt=0)
+    lr: LearningRate = 2.5e-5
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(1.0, gt=0)
     lora_layers: tuple[int, ...] | None = Field((0, -1), min_length=1)
@@ -275,7 +304,7 @@ class CalibrationConfig(Config):
     repeat_ngram_chars: int = Field(20, ge=1)
     max_repeat_ratio: float = Field(0.5, gt=0, le=1, description="answers with more repeated n-grams are dropped")
     min_script_ratio: float = Field(0.5, ge=0, le=1, description="answers with less of the corpus's script dropped")
-    seed: int = 0
+    seed: Seed = 0
     sft: SFTConfig = Field(default_factory=SFTConfig)
 
     @model_validator(mode="after")
@@ -295,7 +324,7 @@ class CalibrationConfig(Config):
 class EvaluationConfig(Config):
     """Which evaluation tasks run on the original and every adapted model, and on how much data."""
 
-    tasks: list[TaskName] = Field(default=list(DEFAULT_EVAL_TASKS), min_length=1)
+    tasks: list[TaskName] = Field(default=list(DEFAULT_EVAL_TASKS), min_length=1, max_length=len(TASK_NAMES))
     limit: int | None = Field(50, ge=1, description="items per task (documents, questions); null: all")
     heldout_chars: int = Field(50_000, ge=1, description="characters of held-out text read for evaluation")
     batch_size: int = Field(16, ge=1, description="sequences per forward / generation batch")

@@ -7,6 +7,7 @@ import gzip
 import json
 import lzma
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from langadapt.core.adaptation.errors import AdaptationInputError
 
 _OPENERS = {".xz": lzma.open, ".gz": gzip.open}
 _SNIFF_BYTES = 8192
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \uXXXX escapes can spell them; UTF-8 cannot
 
 
 @dataclass(frozen=True)
@@ -45,19 +47,38 @@ def _open_text(path: str) -> IO[str]:
     return opener(path, "rt", encoding="utf-8", errors="strict")  # type: ignore[operator]
 
 
-def iter_documents(path: str, *, limit_chars: int | None = None) -> Iterator[str]:
+def iter_documents(
+    path: str,
+    *,
+    limit_chars: int | None = None,
+    max_chars: int | None = None,
+    max_line_chars: int | None = None,
+) -> Iterator[str]:
     """Yield the documents of a corpus file one by one.
 
     `.jsonl`: one JSON object per line, its `text` field is the document. Anything else is plain text with one
     document per non-empty line. Stops after `limit_chars` characters (the last document is cut to fit).
-    Raises `AdaptationInputError` for a missing, compressed-but-corrupt, binary or non-UTF-8 file, or a `.jsonl`
-    line without a string `text` field.
+    Raises `AdaptationInputError` for a missing, compressed-but-corrupt, binary or non-UTF-8 file, a `.jsonl`
+    line without a string `text` field or with text that is not valid Unicode (a lone surrogate), and, as they are
+    read (no more than one line over the limit is ever held), a file of over `max_chars` characters once
+    decompressed (`corpus_too_large`) or a line of over `max_line_chars` (`line_too_long`).
     """
     fmt, compression = _split_suffixes(path)
-    produced = 0
+    produced = read = 0
     try:
         with _open_text(path) as stream:
-            for line_no, line in enumerate(stream, start=1):
+            line_no = 0
+            while line := stream.readline(-1 if max_line_chars is None else max_line_chars + 1):
+                line_no += 1
+                read += len(line)
+                if max_line_chars is not None and len(line.rstrip("\n")) > max_line_chars:
+                    raise AdaptationInputError(
+                        f"{path}: line {line_no} is longer than {max_line_chars} characters", "line_too_long"
+                    )
+                if max_chars is not None and read > max_chars:
+                    raise AdaptationInputError(
+                        f"{path}: more than {max_chars} characters of text (decompressed)", "corpus_too_large"
+                    )
                 if "\x00" in line:
                     raise AdaptationInputError(f"{path}: binary data (NUL byte) on line {line_no}", "binary_file")
                 if fmt == ".jsonl":
@@ -69,10 +90,19 @@ def iter_documents(path: str, *, limit_chars: int | None = None) -> Iterator[str
                         raise AdaptationInputError(
                             f"{path}: line {line_no} is not valid JSON ({exc.msg})", "invalid_jsonl"
                         ) from None
+                    except RecursionError:
+                        raise AdaptationInputError(
+                            f"{path}: line {line_no} is JSON nested too deeply", "invalid_jsonl"
+                        ) from None
                     text = record.get("text") if isinstance(record, dict) else None
                     if not isinstance(text, str):
                         raise AdaptationInputError(
                             f"{path}: line {line_no} has no string 'text' field", "invalid_jsonl"
+                        )
+                    if not text.isascii() and _SURROGATE.search(text):
+                        raise AdaptationInputError(
+                            f"{path}: line {line_no} holds a lone surrogate (\\ud800-\\udfff), not valid Unicode",
+                            "invalid_unicode",
                         )
                 else:
                     text = line.rstrip("\n")
@@ -106,9 +136,11 @@ def require_documents(path: str, *, limit_chars: int | None = None) -> Iterator[
     return chained()
 
 
-def corpus_stats(path: str, *, limit_chars: int | None = None) -> CorpusStats:
+def corpus_stats(
+    path: str, *, limit_chars: int | None = None, max_chars: int | None = None, max_line_chars: int | None = None
+) -> CorpusStats:
     documents = chars = 0
-    for doc in iter_documents(path, limit_chars=limit_chars):
+    for doc in iter_documents(path, limit_chars=limit_chars, max_chars=max_chars, max_line_chars=max_line_chars):
         documents += 1
         chars += len(doc)
     return CorpusStats(documents=documents, chars=chars)

@@ -14,5 +14,16 @@ class AdaptationInputError(ValueError):
         self.code = code
 
 
+class TrainingDiverged(AdaptationInputError):
+    """The training loss became NaN or infinite (a learning rate or setting the model cannot take): the stage stops
+    and writes no model."""
+
+    def __init__(self, stage: str, step: int, loss: float) -> None:
+        super().__init__(
+            f"{stage} diverged: loss {loss} at step {step}; lower the learning rate (no model was written)",
+            "training_diverged",
+        )
+
+
 class StageCancelled(Exception):
     """The run was asked to stop; the interrupted stage keeps its checkpoint and re-runs from it next time."""

@@ -48,11 +48,13 @@ class JobSettings(Config):
 
     source_heldout_field: ClassVar[str]  # the subclass's name for held-out source-language text
 
-    @field_validator("base_model")
+    @field_validator("base_model", "instruct_model")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must not be empty")
+        if value is not None and not value.isprintable():
+            raise ValueError("must not contain control characters")
         return value
 
     @field_validator("labels")

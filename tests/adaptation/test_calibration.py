@@ -25,7 +25,7 @@ from langadapt.core.adaptation.calibration import (
     self_calibration_prompts,
 )
 from langadapt.core.adaptation.config import CalibrationConfig
-from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.errors import AdaptationInputError, TrainingDiverged
 from langadapt.core.adaptation.evaluate.generation import prompt_ids
 from langadapt.core.adaptation.scripts import script_profile, script_share
 from langadapt.core.adaptation.train.sft import IGNORE_INDEX, SFTConfig, encode_chat, lora_layer_indices, run_sft
@@ -178,6 +178,16 @@ def test_sft_cancel_and_skipped_examples(tiny_model, tok):
     result = run_sft(model, tok, [*EXAMPLES, too_long], sft(max_len=64, epochs=5), should_cancel=lambda: True)
     assert result.cancelled and result.steps == 1 and result.skipped == 1 and result.examples == 4
     assert not any("lora" in name for name in model.state_dict())
+
+
+def test_a_non_finite_loss_stops_sft(tiny_model, tok):
+    model = tiny_model(len(tok))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="sft diverged") as caught:
+        run_sft(model, tok, EXAMPLES, sft(epochs=2))
+    assert caught.value.code == "training_diverged"
+    assert not any("lora" in name for name, _ in model.named_modules())  # the adapter is dropped, not merged
 
 
 def test_sft_rejects_bad_input(tiny_model, tok):

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedToken
 
 from langadapt.core.adaptation import lm_loss
 from langadapt.core.adaptation.config import CPTConfig
-from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.errors import AdaptationInputError, TrainingDiverged
 from langadapt.core.adaptation.train.common import (
     OriginalState,
     adamw,
@@ -139,6 +139,15 @@ def _take(blocks: PackedBlocks, n: int) -> list:
         {"source_mix": 0.1},
         {"source_corpus": "en.txt"},
         {"train_rows": "some"},
+        {"lr": float("inf")},
+        {"lr": float("nan")},
+        {"lr": 1e308},
+        {"lr_scale": {"head": float("inf")}},
+        {"betas": (0.9, float("nan"))},
+        {"seed": -1},
+        {"seed": 2**32},
+        {"steps": 2**64},
+        {"lora_r": 10**30},
     ],
 )
 def test_invalid_config_is_refused(overrides: dict[str, Any]) -> None:
@@ -178,6 +187,18 @@ def test_unusable_inputs_are_input_errors(tmp_path: Path, tiny_model, tok, corpu
     (tmp_path / "d" / "x").write_text("")
     with pytest.raises(AdaptationInputError, match="not empty"):
         run_cpt(model, tok, corpus, config(), str(tmp_path / "d"))
+
+
+def test_a_non_finite_loss_stops_cpt_and_writes_no_model(tmp_path: Path, tiny_model, tok, corpus: str) -> None:
+    model = tiny_model(len(tok))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tok.eos_token_id] = float("inf")  # every packed block holds an EOS
+    for log_every in (1, 5):  # found at a report, or before a checkpoint between reports
+        out = tmp_path / f"log{log_every}"
+        with pytest.raises(TrainingDiverged, match="cpt diverged") as caught:
+            run_cpt(model, tok, corpus, config(steps=6, log_every=log_every, checkpoint_every=2), str(out))
+        assert caught.value.code == "training_diverged"
+        assert not (out / "model").exists() and latest_checkpoint(str(out)) is None
 
 
 # ---- training ----

@@ -7,6 +7,7 @@ import hashlib
 import json
 import lzma
 
+import httpx
 import pytest
 
 RU = "Мороз и солнце; день чудесный!\nЕщё ты дремлешь, друг прелестный —\n\nПора, красавица, проснись.\n"
@@ -52,6 +53,10 @@ def test_upload_counts_hashes_and_stores(client, auth, settings, name, data, doc
         ("bad.jsonl", b'{"text": "ok"}\n{"txt": 1}\n', 422, "invalid_jsonl"),
         ("model.bin", b"weights", 422, "unsupported_file_type"),
         ("big.txt", b"a" * 5000 + b"\n", 413, "file_too_large"),
+        ("surrogate.jsonl", b'{"text": "ok"}\n{"text": "half \\ud800 a pair"}\n', 422, "invalid_unicode"),
+        ("deep.jsonl", b"[" * 1500 + b"]" * 1500 + b"\n", 422, "invalid_jsonl"),
+        ("long-line.txt.gz", gzip.compress(b"short\n" + b"a" * 5000 + b"\n"), 422, "line_too_long"),
+        ("bomb.txt.xz", lzma.compress(b"line of text\n" * 2000), 422, "corpus_too_large"),
     ],
 )
 def test_bad_uploads_are_refused_and_leave_nothing(make_settings, name, data, status, code) -> None:
@@ -60,7 +65,7 @@ def test_bad_uploads_are_refused_and_leave_nothing(make_settings, name, data, st
     from langadapt.api.app import create_app
     from tests.jobs.conftest import new_team_key
 
-    settings = make_settings(max_upload_bytes=4096)
+    settings = make_settings(max_upload_bytes=4096, max_line_chars=3500, max_corpus_chars=20_000)
     with TestClient(create_app(settings)) as client:
         auth = {"Authorization": f"Bearer {new_team_key(settings)}"}
         response = client.post("/v1/files", headers=auth, files={"file": (name, data)})
@@ -89,3 +94,51 @@ def test_file_pagination(client, auth, upload) -> None:
     assert [f["id"] for f in first["data"]] == ids[::-1][:2] and first["next"] == ids[3]
     rest = client.get(f"/v1/files?limit=10&after={first['next']}", headers=auth).json()
     assert [f["id"] for f in rest["data"]] == ids[::-1][2:] and rest["next"] is None
+
+
+def _raw_post(port: int, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], float]:
+    """Send a request head and the first `body` bytes of a longer declared body; return the status, headers and
+    seconds until the answer came (the server answers without reading the rest)."""
+    import socket
+    import time
+
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        started = time.perf_counter()
+        conn.sendall(f"POST /v1/files HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += conn.recv(65536)
+        elapsed = time.perf_counter() - started
+    status_line, *lines = answer.split(b"\r\n\r\n")[0].decode().split("\r\n")
+    return int(status_line.split()[1]), dict(line.split(": ", 1) for line in lines), elapsed
+
+
+def test_uploads_are_refused_before_their_body_is_read(settings) -> None:
+    from tests.jobs.conftest import LiveServer, new_team_key
+
+    boundary = "b0undary"
+    form = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.txt"\r\n\r\n'.encode()
+    with LiveServer(settings) as server:
+        for auth in ({}, {"Authorization": "Bearer la_garbage"}):  # 300 MB declared, 64 KiB sent
+            status, _, seconds = _raw_post(
+                server.port, {**form, **auth, "Content-Length": str(300 << 20)}, part + b"a" * (64 << 10)
+            )
+            assert status == 401 and seconds < 1
+        key = {"Authorization": f"Bearer {new_team_key(settings)}"}
+        status, _, seconds = _raw_post(server.port, {**form, **key, "Content-Length": str(3 << 30)}, part)
+        assert status == 413 and seconds < 1
+        # No declared length: the body is counted as it arrives and cut off past the limit.
+        with httpx.Client(base_url=server.url, headers={**key, **form}, timeout=30) as api:
+            limit = settings.max_upload_bytes
+
+            def chunks():
+                yield part
+                sent = 0
+                while sent <= limit + (2 << 20):
+                    yield b"a" * (1 << 20)
+                    sent += 1 << 20
+
+            response = api.post("/v1/files", content=chunks())
+    assert response.status_code == 413 and response.json()["error"]["code"] == "file_too_large"

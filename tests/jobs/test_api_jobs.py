@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.jobs.conftest import new_team_key
@@ -91,6 +93,35 @@ def test_idempotency_key_replays_or_conflicts(client, auth, body) -> None:
         ({"base_model": "models/base"}, "invalid_model", "base_model"),
         ({"base_model": "/etc"}, "invalid_model", "base_model"),
         ({"instruct_model": "s3://other-bucket/models/x"}, "invalid_model", "instruct_model"),
+        ({"base_model": "/models/a\x00b"}, "invalid_request", "base_model"),
+        # the probe's hostile specs: resources beyond the server's limits, absurd or unrepresentable numbers
+        ({"vocab": {"method": "extended", "new_tokens": 1e9}}, "limit_exceeded", "vocab.new_tokens"),
+        ({"vocab": {"method": "bpe", "vocab_size": 10**7}}, "limit_exceeded", "vocab.vocab_size"),
+        ({"cpt": {"batch_size": 1e6}}, "limit_exceeded", "cpt.batch_size"),
+        ({"cpt": {"batch_size": 900, "seq_len": 1024}}, "limit_exceeded", "cpt.batch_size"),
+        ({"cpt": {"steps": 1e12}}, "limit_exceeded", "cpt.steps"),
+        (
+            {"cpt": {"steps": 900_000, "batch_size": 64, "grad_accum": 512, "seq_len": 64}},
+            "limit_exceeded",
+            "cpt.steps",
+        ),
+        ({"cpt": {"seq_len": 512, "batch_size": 2}}, "limit_exceeded", "cpt.seq_len"),
+        (
+            {"calibration": {"method": "self+copy", "sft": {"max_len": 10**6}}},
+            "limit_exceeded",
+            "calibration.sft.max_len",
+        ),
+        ({"evaluation": {"tasks": ["copy_ru"] * 100_000}}, "invalid_request", "evaluation.tasks"),
+        ({"evaluation": {"limit": 10**9}}, "limit_exceeded", "evaluation.limit"),
+        ({"init": {"seed": -1}}, "invalid_request", "init.seed"),
+        ({"cpt": {"seed": 2**32}}, "invalid_request", "cpt.seed"),
+        ({"cpt": {"lr": 1e308}}, "invalid_request", "cpt.lr"),
+        ({"cpt": {"checkpoint_every": 2**64}}, "invalid_request", "cpt.checkpoint_every"),
+        (
+            {"calibration": {"method": "self+copy", "sft": {"lora_layers": [2**70]}}},
+            "invalid_request",
+            "calibration.sft.lora_layers",
+        ),
     ],
 )
 def test_invalid_submissions_are_422_with_the_field(client, auth, body, change, code, param) -> None:
@@ -99,6 +130,19 @@ def test_invalid_submissions_are_422_with_the_field(client, auth, body, change, 
     error = response.json()["error"]
     assert (error["code"], error["param"]) == (code, param), error
     assert client.get("/v1/jobs", headers=auth).json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("cpt", "param"),
+    [({"lr": "Infinity"}, "cpt.lr"), ({"lr": "NaN"}, "cpt.lr"), ({"min_lr_ratio": "-Infinity"}, "cpt.min_lr_ratio")],
+)
+def test_non_finite_numbers_are_422(client, auth, body, cpt, param) -> None:
+    # JSON has no Infinity or NaN, but Python's parser reads them: the body is sent as text.
+    fields = ", ".join(f'"{name}": {value}' for name, value in cpt.items())
+    text = json.dumps({**body, "cpt": {}}).replace('"cpt": {}', f'"cpt": {{{fields}}}')
+    response = client.post("/v1/jobs", headers={**auth, "Content-Type": "application/json"}, content=text)
+    assert response.status_code == 422, response.text
+    assert (response.json()["error"]["code"], response.json()["error"]["param"]) == ("invalid_request", param)
 
 
 def test_model_paths_cannot_escape_the_allowed_roots(client, auth, body, model_root, tmp_path) -> None:

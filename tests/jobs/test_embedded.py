@@ -25,6 +25,7 @@ def test_serve_runs_a_job_with_no_external_services(tmp_path, model_root) -> Non
         "LANGADAPT_HOME": str(tmp_path / "data"),
         "LANGADAPT_ALLOWED_MODEL_ROOTS": json.dumps([str(model_root)]),
         "LANGADAPT_HEARTBEAT_INTERVAL_S": "0.5",
+        "LANGADAPT_WORKER_BEAT_INTERVAL_S": "0.5",
     }
     for name in ("LANGADAPT_DATABASE_URL", "LANGADAPT_BROKER_URL", "LANGADAPT_STORAGE_URL"):
         env.pop(name, None)
@@ -86,6 +87,22 @@ def test_serve_runs_a_job_with_no_external_services(tmp_path, model_root) -> Non
         data = httpx.get(f"{base}/v1/jobs/{job['id']}/artifacts/cpt/model.safetensors", headers=auth).content
         assert hashlib.sha256(data).hexdigest() == model["sha256"]
         assert (tmp_path / "data" / "langadapt.db").is_file() and (tmp_path / "data" / "artifacts").is_dir()
+
+        # A killed worker is started again, and the service is ready again once it beats.
+        gpu_worker = json.loads((tmp_path / "serve.log").read_text().splitlines()[0])["worker_pids"][0]
+        os.killpg(gpu_worker, signal.SIGKILL)
+        while "worker_restarted" not in (tmp_path / "serve.log").read_text():
+            assert time.monotonic() < deadline + 300
+            time.sleep(0.2)
+        restarted = next(
+            json.loads(line)["worker_restarted"]
+            for line in (tmp_path / "serve.log").read_text().splitlines()
+            if line.startswith('{"worker_restarted"')
+        )
+        assert restarted != gpu_worker and Path(f"/proc/{restarted}").exists()
+        while httpx.get(f"{base}/readyz").status_code != 200:
+            assert time.monotonic() < deadline + 360
+            time.sleep(0.2)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from langadapt.api.app import create_app
+from langadapt.jobs import execution
 from langadapt.jobs.db import DatabaseNotMigrated, upgrade
 from langadapt.jobs.models import Artifact
 from tests.jobs.conftest import LiveServer, new_team_key
@@ -20,8 +21,16 @@ from tests.s3_server import free_port
 def test_health_ready_and_metrics(client, auth) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["gpu_worker"] == "no GPU worker alive"
+    assert "no GPU worker alive" in ready.json()["error"]["message"]
+    settings = client.app.state.services.settings
+    with client.app.state.services.sessions() as session:  # a maintenance worker does not make the API ready
+        execution.worker_beat(session, name="m@host", queues=[settings.queue("maintenance")], pid=1)
+        assert client.get("/readyz").status_code == 503
+        execution.worker_beat(session, name="g@host", queues=[settings.queue("gpu")], pid=2)
+    ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok", "gpu_worker": "ok"}
     client.get("/v1/jobs", headers=auth)
     text = client.get("/metrics").text
     assert 'langadapt_jobs{status="queued"}' in text and "langadapt_queue_depth" in text
@@ -64,7 +73,11 @@ def test_local_store_streams_artifacts_and_refuses_traversal(tmp_path, make_sett
     auth = {"Authorization": f"Bearer {key}"}
     with TestClient(create_app(settings)) as client:
         corpus = client.post("/v1/files", headers=auth, files={"file": ("c.txt", "текст\n".encode())}).json()
-        body = {"base_model": str(settings.allowed_model_roots[0]) + "/base", "corpus_file": corpus["id"]}
+        body = {
+            "base_model": str(settings.allowed_model_roots[0]) + "/base",
+            "corpus_file": corpus["id"],
+            "cpt": {"seq_len": 64},  # within the tiny model's 256 positions
+        }
         job = client.post("/v1/jobs", headers=auth, json=body).json()
         services = client.app.state.services
         services.store.put_bytes(f"teams/x/jobs/{job['id']}/artifacts/evaluate/scores.json", b"[1, 2]")

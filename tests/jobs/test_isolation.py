@@ -16,7 +16,12 @@ def test_every_route_hides_other_teams_resources(client, auth, settings, model_r
     job_id = client.post(
         "/v1/jobs",
         headers=auth,
-        json={"base_model": str(model_root / "base"), "corpus_file": corpus, "labels": {"suite": "secret"}},
+        json={
+            "base_model": str(model_root / "base"),
+            "corpus_file": corpus,
+            "cpt": {"seq_len": 64},
+            "labels": {"suite": "secret"},
+        },
     ).json()["id"]
     with client.app.state.services.sessions() as session:
         job = session.get(Job, job_id)

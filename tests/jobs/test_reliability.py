@@ -79,7 +79,9 @@ def test_cancel_frees_the_worker_and_a_cancelled_queued_job_never_starts(
     first = client.post("/v1/jobs", headers=auth, json=body).json()
     wait_for(client, auth, first["id"], lambda j: cpt_step(j) >= 10)
     never = client.post("/v1/jobs", headers=auth, json={**body, "labels": {"n": "never"}}).json()
-    after = client.post("/v1/jobs", headers=auth, json={**body, "labels": {"n": "next"}, "cpt": {"steps": 2}}).json()
+    after = client.post(
+        "/v1/jobs", headers=auth, json={**body, "labels": {"n": "next"}, "cpt": {**LONG_CPT, "steps": 2}}
+    ).json()
     cancelled_queued = client.post(f"/v1/jobs/{never['id']}/cancel", headers=auth).json()
     assert cancelled_queued["status"] == "cancelled"
 
@@ -105,7 +107,12 @@ def test_concurrent_duplicate_submissions_create_one_job(settings, model_root) -
     n = 200
     with LiveServer(settings) as server, httpx.Client(base_url=server.url, headers=auth, timeout=60) as api:
         corpus = api.post("/v1/files", files={"file": ("c.txt", "текст для проверки\n".encode())}).json()["id"]
-        body = {"base_model": str(model_root / "base"), "corpus_file": corpus, "labels": {"batch": "dup"}}
+        body = {
+            "base_model": str(model_root / "base"),
+            "corpus_file": corpus,
+            "cpt": {"seq_len": 64},  # within the tiny model's 256 positions
+            "labels": {"batch": "dup"},
+        }
 
         def post(idempotency_key: str, payload: dict) -> httpx.Response:
             with httpx.Client(base_url=server.url, headers=auth, timeout=60) as own:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 
 import httpx
+import torch
 
+from langadapt.core.adaptation.sources import save_pretrained
 from tests.jobs.conftest import all_events, cpt_step, job_body, wait_for
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -122,9 +123,12 @@ def test_cancel_stops_cpt_and_retry_resumes_from_the_checkpoint(
         a["name"]: a["sha256"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]
     }
 
-    # Retry on "another machine" (the worker's scratch space is gone): completed stages and the cancel checkpoint
-    # come back from storage; completed stages are not re-run and CPT resumes from the checkpoint.
-    shutil.rmtree(os.path.join(settings.work, "jobs", job["id"]))
+    # The worker's scratch space is removed when the job ends, so the retry is as on "another machine": completed
+    # stages and the cancel checkpoint come back from storage; they are not re-run and CPT resumes from it.
+    deadline = time.monotonic() + 30
+    while os.path.exists(os.path.join(settings.work, "jobs", job["id"])):
+        assert time.monotonic() < deadline, "scratch space left behind"
+        time.sleep(0.1)
     retried = client.post(f"/v1/jobs/{job['id']}/retry", headers=auth).json()
     assert retried["status"] == "queued" and retried["attempt"] == 2
     done = wait_for(client, auth, job["id"], lambda j: j["status"] in TERMINAL)
@@ -161,3 +165,33 @@ def test_a_model_in_the_service_bucket_is_fetched_by_the_worker(
     for ref in (f"s3://{bucket}/teams/team_other/models/x", f"s3://{bucket}/models/missing", "s3://elsewhere/models/x"):
         refused = client.post("/v1/jobs", headers=auth, json={**body, "base_model": ref})
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_model", ref
+
+
+def test_a_diverging_run_fails_as_training_diverged_and_publishes_no_model(
+    client, auth, settings, start_worker, model_root, files, tiny_model, english_byte_level_tokenizer
+) -> None:
+    tok = english_byte_level_tokenizer
+    diverging = model_root / "diverging"
+    if not diverging.exists():
+        model = tiny_model(len(tok), seed=13)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[tok.eos_token_id] = float("inf")  # every packed block has an EOS
+        save_pretrained(model, tok, str(diverging))
+    start_worker(settings, queues="gpu")
+    body = job_body(
+        model_root, files, base_model=str(diverging), instruct_model=None, evaluation={"tasks": ["symbols_per_token"]}
+    )
+    job = client.post("/v1/jobs", headers=auth, json=body).json()
+    done = wait_for(client, auth, job["id"], lambda j: j["status"] in TERMINAL)
+    assert done["status"] == "failed", done
+    assert {k: done["error"][k] for k in ("code", "stage", "kind")} == {
+        "code": "training_diverged",
+        "stage": "cpt",
+        "kind": "user",
+    }
+    names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]}
+    assert not any(name.startswith(("cpt/", "evaluate/")) for name in names) and "init/model.safetensors" in names
+    deadline = time.monotonic() + 30
+    while os.path.exists(os.path.join(settings.work, "jobs", job["id"])):  # no scratch left behind
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

@@ -42,6 +42,7 @@ Speed (the loop has to beat the Hugging Face `Trainer`; `bench/cpt_throughput.py
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -64,7 +65,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from langadapt.core.adaptation.config import CPTConfig
 from langadapt.core.adaptation.corpus import require_documents
-from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.errors import AdaptationInputError, TrainingDiverged
 from langadapt.core.adaptation.fsutil import atomic_output_dir
 from langadapt.core.adaptation.lm_loss import CausalLMLoss
 from langadapt.core.adaptation.rundir import TrainingDir
@@ -274,9 +275,12 @@ def run_cpt(
 
                 done = state.step == total_steps
                 cancelled = not done and _cancel_requested(should_cancel, state.step, config, accelerator)
+                checkpointing = cancelled or done or state.step % config.checkpoint_every == 0
                 if cancelled or done or state.step % config.log_every == 0:
                     # The only host syncs of the loop.
                     state.loss = accelerator.reduce(loss_sum, "mean").item() / (steps_since_log * accum)
+                    if not math.isfinite(state.loss):
+                        raise TrainingDiverged("cpt", state.step, state.loss)
                     now = time.perf_counter()
                     report = {
                         "step": state.step,
@@ -292,7 +296,9 @@ def run_cpt(
                     loss_sum.zero_()
                     steps_since_log = 0
                     last_log = time.perf_counter()
-                if cancelled or done or state.step % config.checkpoint_every == 0:
+                elif checkpointing and not bool(torch.isfinite(accelerator.reduce(loss_sum, "sum"))):
+                    raise TrainingDiverged("cpt", state.step, float("nan"))  # never checkpoint diverged weights
+                if checkpointing:
                     checkpoint_dir = _save_checkpoint(
                         paths, config, state, total_steps, params, optimizer, scheduler, accelerator
                     )

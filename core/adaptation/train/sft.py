@@ -25,6 +25,7 @@ and long answers weigh per token whatever the batching), AdamW (decay on matrice
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from langadapt.core.adaptation.config import SFTConfig
 from langadapt.core.adaptation.device import compute_device
-from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.errors import AdaptationInputError, TrainingDiverged
 from langadapt.core.adaptation.evaluate.generation import chat_ids, has_chat_template, pad_token_id
 from langadapt.core.adaptation.lm_loss import IGNORE_INDEX, CausalLMLoss
 from langadapt.core.adaptation.train.common import (
@@ -260,6 +261,10 @@ def run_sft(
             cancelled = step < total_steps and should_cancel is not None and bool(should_cancel())
             if cancelled or step == total_steps or step % config.log_every == 0:
                 final_loss = float(loss_sum) / tokens_since_log  # the host sync
+                if not math.isfinite(final_loss):
+                    release_lora(module, model, merge=False)
+                    original.restore(model)
+                    raise TrainingDiverged("sft", step, final_loss)
                 first_loss = final_loss if first_loss is None else first_loss
                 if progress is not None:
                     progress(
