@@ -182,8 +182,8 @@ class CPTConfig(TrainingConfig):
     lora_alpha: float = Field(32.0, gt=0)
     compile: bool | None = Field(
         None,
-        description="torch.compile the transformer stack (fixed packed shapes: one compilation); default: on CUDA, "
-        "falling back to eager if compilation fails",
+        description="torch.compile the transformer stack (fixed packed shapes: one compilation); default: on CUDA "
+        "(not under FSDP2), falling back to eager if compilation fails",
     )
     # When not given: a job spec picks it from its vocabulary method (new for extended / optimized, which keep the
     # source's rows; all for bpe / unigram, which replace them); a CPT config on its own trains all rows.

@@ -1,7 +1,8 @@
 """Continued pretraining (CPT) on a target-language corpus: the training stage of language adaptation.
 
-One accelerate loop for the CPU, one GPU and several GPUs (`accelerate launch`, plain DDP), readable top to
-bottom: `run_cpt` (the loop), then checkpoints. Settings: `config.CPTConfig`; what it shares with SFT (trainable
+One accelerate loop for the CPU, one GPU and several GPUs of one machine (under `torchrun`, started by
+`launch.launch_cpt`: DDP, or FSDP2 with distributed checkpoints, `distributed.py`), readable top to bottom:
+`run_cpt` (the loop), then checkpoints. Settings: `config.CPTConfig`; what it shares with SFT (trainable
 set, AdamW, schedule, precision): `common.py`.
 
 What learns (`trainable`):
@@ -13,12 +14,13 @@ What learns (`trainable`):
   scale; `model/` is the base with the adapter merged.
 - `full`: every parameter.
 
-Batches are packed blocks of the streamed corpus (`packing.py`); the global batch is
+Batches are packed blocks of the streamed corpus (`packing.py`); the global batch is `global_batch` (whatever the
+number of processes: 1 or N processes train on the same sequences per step, the accumulation is derived) or else
 `batch_size x grad_accum x processes` sequences of `seq_len` tokens (on a GPU a step's sequences are regrouped
-into the largest micro-batches that fit: `memory.py`). Every `checkpoint_every` steps
-(and at the end, and on cancellation) a checkpoint holds the model delta (trainable parameters only), optimizer,
-scheduler, data position, RNG states and step, so `run_cpt(..., resume=True)` continues exactly where it stopped:
-N steps in one go and k steps + resume + N - k steps give the same weights.
+into the largest micro-batches that fit: `memory.py`; not under FSDP2, whose micro-batch is the configured one).
+Every `checkpoint_every` steps (and at the end, and on cancellation) a checkpoint holds the model delta (trainable
+parameters only), optimizer, scheduler, data position, RNG states and step, so `run_cpt(..., resume=True)`
+continues exactly where it stopped: N steps in one go and k steps + resume + N - k steps give the same weights.
 
 Speed (the loop has to beat the Hugging Face `Trainer`; `bench/cpt_throughput.py` measures it):
 - no host sync per micro-step: the loss is summed on the device and read every `log_every` steps only; the
@@ -214,7 +216,9 @@ def run_cpt(
             original.park_frozen_in_bf16(model)
         # The loss head computes the LM head and cross-entropy in chunks (`lm_loss.py`): no full logits. It wraps
         # `model`, whose layers hold the LoRA adapters too. prepare: device placement; DDP with several processes.
-        loss_module = CausalLMLoss(model, compile=cuda if config.compile is None else config.compile)
+        # (compile by default on one GPU or DDP; FSDP2's per-unit hooks are not compiled unless asked)
+        compile = cuda and not sharded if config.compile is None else config.compile
+        loss_module = CausalLMLoss(model, compile=compile)
         if sharded:
             shard_for_training(loss_module, model, device, bf16=precision.bf16)
             train_module: nn.Module = loss_module
