@@ -64,11 +64,12 @@ def shard_for_training(loss_module: nn.Module, model: PreTrainedModel, device: t
 
 
 def local_rows(matrix: torch.Tensor) -> torch.Tensor:
-    """The global row ids of the rows this process holds of `matrix` (all of them unless it is a sharded DTensor)."""
+    """The global row ids (on the host) of the rows this process holds of `matrix` (all of them unless it is a
+    sharded DTensor)."""
     ids = torch.arange(matrix.shape[0])
     if not isinstance(matrix, DTensor):
         return ids
-    return distribute_tensor(ids, matrix.device_mesh, matrix.placements, src_data_rank=None).to_local()
+    return distribute_tensor(ids, matrix.device_mesh, matrix.placements, src_data_rank=None).to_local().cpu()
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
