@@ -105,6 +105,9 @@ CASES = [(False, t, s) for t in TRAINABLE for s in ("ddp", "fsdp2")] + [
 ]
 
 
+INTERRUPTED = [(False, "full", "ddp"), (False, "lora+head", "ddp"), (False, "lora+head", "fsdp2")]
+
+
 def case_dir(root: Path, tied: bool, trainable: str, strategy: str) -> Path:
     return root / f"{'tied' if tied else 'untied'}-{trainable}-{strategy}"
 
@@ -113,10 +116,20 @@ def case_dir(root: Path, tied: bool, trainable: str, strategy: str) -> Path:
 def runs(inputs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every case on two processes in one torchrun launch, then the references on one process (in this one)."""
     root = tmp_path_factory.mktemp("dist-runs")
-    requests = [request(inputs, case_dir(root, *case), case[1], tied=case[0], strategy=case[2]) for case in CASES]
-    straight = case_dir(root, False, "straight", "fsdp2")  # for the interrupted run
-    requests.append(request(inputs, straight, "full", tied=False, strategy="fsdp2", cfg=STRAIGHT))
-    (root / "requests.json").write_text(json.dumps([r.model_dump(mode="json") for r in requests]), encoding="utf-8")
+    runs = [
+        {"request": request(inputs, case_dir(root, *case), case[1], tied=case[0], strategy=case[2]), "interrupt": False}
+        for case in CASES
+    ]
+    for case in INTERRUPTED:  # cancelled at step 2 and resumed, in the same launch
+        out = case_dir(root, *case).with_name(case_dir(root, *case).name + "-interrupted")
+        runs.append({"request": request(inputs, out, case[1], tied=case[0], strategy=case[2]), "interrupt": True})
+    straight = case_dir(root, False, "straight", "fsdp2")  # for the failing run
+    runs.append(
+        {"request": request(inputs, straight, "full", tied=False, strategy="fsdp2", cfg=STRAIGHT), "interrupt": False}
+    )
+    (root / "requests.json").write_text(
+        json.dumps([{**r, "request": r["request"].model_dump(mode="json")} for r in runs]), encoding="utf-8"
+    )
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
         str(Path(__file__).with_name("cpt_batch.py")), str(root / "requests.json"),
@@ -160,6 +173,24 @@ def test_two_processes_compute_what_one_does(runs: Path, inputs, tied: bool, tra
             assert torch.equal(a[name][old], initial[name][old]), name
     frozen_layers = trainable in ("embeddings", "embeddings+head")
     assert frozen_layers == all(torch.equal(a[n], initial[n]) for n in a if n.startswith("model.layers."))
+
+
+@pytest.mark.parametrize(("tied", "trainable", "strategy"), INTERRUPTED)
+def test_cancel_and_resume_on_two_processes_equals_the_uninterrupted_run(
+    runs: Path, tied: bool, trainable: str, strategy: str
+) -> None:
+    interrupted = case_dir(runs, tied, trainable, strategy).with_name(
+        case_dir(runs, tied, trainable, strategy).name + "-interrupted"
+    )
+    assert result(interrupted)["resumed_from"] == 2 and result(interrupted)["steps"] == 4
+    straight, resumed = weights(case_dir(runs, tied, trainable, strategy)), weights(interrupted)
+    assert all(torch.equal(resumed[name], straight[name]) for name in straight)
+    if trainable == "lora+head":
+        a, b = (
+            load_file(str(run / "lora" / "adapter_model.safetensors"))
+            for run in (case_dir(runs, tied, trainable, strategy), interrupted)
+        )
+        assert a and all(torch.equal(a[name], b[name]) for name in a)
 
 
 @pytest.mark.parametrize(

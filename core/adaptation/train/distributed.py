@@ -95,9 +95,9 @@ def load_sharded(path: str, module: nn.Module, optimizer: torch.optim.Optimizer)
     """Read what `save_sharded` wrote into `module` and `optimizer` (every process calls it)."""
     model_state, optimizer_state = get_state_dict(module, optimizer, options=_TRAINABLE_ONLY)
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)  # in place
-    set_state_dict(
-        module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=_TRAINABLE_ONLY
-    )
+    # Not strict: the frozen parameters are missing on purpose (a trainable one missing fails `dcp.load` already).
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
 
 
 # ---- export ----
