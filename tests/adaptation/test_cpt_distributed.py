@@ -108,8 +108,8 @@ CASES = [(False, t, s) for t in TRAINABLE for s in ("ddp", "fsdp2")] + [
 INTERRUPTED = [(False, "full", "ddp"), (False, "lora+head", "ddp"), (False, "lora+head", "fsdp2")]
 
 
-def case_dir(root: Path, tied: bool, trainable: str, strategy: str) -> Path:
-    return root / f"{'tied' if tied else 'untied'}-{trainable}-{strategy}"
+def case_dir(root: Path, tied: bool, trainable: str, strategy: str, suffix: str = "") -> Path:
+    return root / f"{'tied' if tied else 'untied'}-{trainable}-{strategy}{suffix}"
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def runs(inputs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Pa
         for case in CASES
     ]
     for case in INTERRUPTED:  # cancelled at step 2 and resumed, in the same launch
-        out = case_dir(root, *case).with_name(case_dir(root, *case).name + "-interrupted")
+        out = case_dir(root, *case, "-interrupted")
         runs.append({"request": request(inputs, out, case[1], tied=case[0], strategy=case[2]), "interrupt": True})
     straight = case_dir(root, False, "straight", "fsdp2")  # for the failing run
     runs.append(
@@ -179,9 +179,7 @@ def test_two_processes_compute_what_one_does(runs: Path, inputs, tied: bool, tra
 def test_cancel_and_resume_on_two_processes_equals_the_uninterrupted_run(
     runs: Path, tied: bool, trainable: str, strategy: str
 ) -> None:
-    interrupted = case_dir(runs, tied, trainable, strategy).with_name(
-        case_dir(runs, tied, trainable, strategy).name + "-interrupted"
-    )
+    interrupted = case_dir(runs, tied, trainable, strategy, "-interrupted")
     assert result(interrupted)["resumed_from"] == 2 and result(interrupted)["steps"] == 4
     straight, resumed = weights(case_dir(runs, tied, trainable, strategy)), weights(interrupted)
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)
