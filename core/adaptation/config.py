@@ -23,6 +23,7 @@ KeepBy = Literal["frequency", "first-ids"]
 InitMethod = Literal["mean", "random"]
 CPTTrainable = Literal["embeddings", "embeddings+head", "lora+head", "full"]
 TrainRows = Literal["all", "new"]
+Strategy = Literal["ddp", "fsdp2"]  # how a CPT over several processes shares the model (one process: ignored)
 SFTTrainable = Literal["lora+head", "full"]
 Variant = Literal["swap", "overlap", "conversion"]
 CalibrationMethod = Literal["none", "self+copy"]
@@ -176,7 +177,8 @@ _STEPS = TypeAdapter(Annotated[int, Field(ge=1)])
 
 class CPTConfig(TrainingConfig):
     """Continued pretraining (LEP §2.3). The paper's global batch is 256 sequences of 1024 tokens: `batch_size` x
-    `grad_accum` x processes. lr 1e-4 is its rate for 32 K vocabularies (2e-4 for 128 K ones)."""
+    `grad_accum` x processes, or `global_batch` whatever the number of processes (then `grad_accum` is derived).
+    lr 1e-4 is its rate for 32 K vocabularies (2e-4 for 128 K ones)."""
 
     trainable: CPTTrainable = Field(
         "embeddings+head", description="embeddings | embeddings+head (LEP) | lora+head | full"
@@ -185,6 +187,12 @@ class CPTConfig(TrainingConfig):
     seq_len: int = Field(1024, ge=2, description="tokens per packed sequence")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch (per process)")
     grad_accum: int = Field(32, ge=1, description="micro-batches per optimizer step")
+    global_batch: int | None = Field(
+        None,
+        ge=1,
+        description="sequences per optimizer step over all processes; when set, grad_accum is derived from it, "
+        "batch_size and the number of processes, so the run computes the same on 1 or N GPUs",
+    )
     lr: LearningRate = 1e-4
     warmup_steps: int = Field(  # type: ignore[assignment]  # None only until `_derived_defaults` fills it in
         None, ge=0, description="linear warm-up steps (default: 10 % of steps, at most 100)"
@@ -200,8 +208,8 @@ class CPTConfig(TrainingConfig):
     lora_alpha: float = Field(32.0, gt=0)
     compile: bool | None = Field(
         None,
-        description="torch.compile the transformer stack (fixed packed shapes: one compilation); default: on CUDA, "
-        "falling back to eager if compilation fails",
+        description="torch.compile the transformer stack (fixed packed shapes: one compilation); default: on CUDA "
+        "(not under FSDP2), falling back to eager if compilation fails",
     )
     # When not given: a job spec picks it from its vocabulary method (new for extended / optimized, which keep the
     # source's rows; all for bpe / unigram, which replace them); a CPT config on its own trains all rows.
@@ -242,6 +250,15 @@ class CPTConfig(TrainingConfig):
                 f"cpt.warmup_steps ({self.warmup_steps}) must be below cpt.steps ({self.steps}): "
                 "the learning rate would never leave warm-up",
             )
+        if self.global_batch is not None:
+            # (the default passes: a dumped config, which lists every field, reads back)
+            if self.grad_accum != type(self).model_fields["grad_accum"].default:
+                raise SpecConflict("grad_accum", "cpt.grad_accum is derived from cpt.global_batch: set one of them")
+            if self.global_batch % self.batch_size:
+                raise SpecConflict(
+                    "global_batch",
+                    f"cpt.global_batch ({self.global_batch}) must be a multiple of cpt.batch_size ({self.batch_size})",
+                )
         if self.source_mix > 0 and self.source_corpus is None:
             raise SpecConflict("source_corpus", "cpt.source_mix needs cpt.source_corpus (source-language text)")
         if self.source_corpus is not None and self.source_mix == 0:
@@ -252,8 +269,27 @@ class CPTConfig(TrainingConfig):
                 raise SpecConflict(f"lr_scale.{group}", f"cpt.trainable '{self.trainable}' does not train {group}")
         return self
 
+    def sequences_per_step(self, num_processes: int = 1) -> int:
+        """Sequences per optimizer step over all processes."""
+        if self.global_batch is not None:
+            return self.global_batch
+        return self.batch_size * self.grad_accum * num_processes
+
+    def accumulation(self, num_processes: int = 1) -> int:
+        """Micro-batches of `batch_size` per optimizer step in each process. A `global_batch` that `batch_size` x
+        processes does not divide raises `SpecConflict` naming it."""
+        if self.global_batch is None:
+            return self.grad_accum
+        if self.global_batch % (self.batch_size * num_processes):
+            raise SpecConflict(
+                "global_batch",
+                f"cpt.global_batch ({self.global_batch}) must be a multiple of cpt.batch_size ({self.batch_size}) "
+                f"x processes ({num_processes})",
+            )
+        return self.global_batch // (self.batch_size * num_processes)
+
     def tokens_per_step(self, num_processes: int = 1) -> int:
-        return self.batch_size * self.grad_accum * num_processes * self.seq_len
+        return self.sequences_per_step(num_processes) * self.seq_len
 
 
 class SFTConfig(TrainingConfig):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from langadapt.core.adaptation import lm_loss
-from langadapt.core.adaptation.config import CPTConfig
+from langadapt.core.adaptation.config import CPTConfig, SpecConflict
 from langadapt.core.adaptation.errors import AdaptationInputError, TrainingDiverged
 from langadapt.core.adaptation.train.common import (
     OriginalState,
@@ -148,6 +148,8 @@ def _take(blocks: PackedBlocks, n: int) -> list:
         {"seed": 2**32},
         {"steps": 2**64},
         {"lora_r": 10**30},
+        {"global_batch": 3},  # not a multiple of batch_size 2
+        {"global_batch": 8, "grad_accum": 4},  # grad_accum is derived from it
     ],
 )
 def test_invalid_config_is_refused(overrides: dict[str, Any]) -> None:
@@ -173,6 +175,18 @@ def test_config_defaults_are_the_papers_and_round_trip() -> None:
     assert CPTConfig(steps=20).model_dump()["warmup_steps"] == 2
     with pytest.raises(ValidationError, match="learning_rate"):
         CPTConfig.model_validate({"steps": 1, "learning_rate": 1.0})
+
+
+def test_global_batch_fixes_the_batch_whatever_the_number_of_processes() -> None:
+    c = CPTConfig(batch_size=4, global_batch=32, seq_len=128)
+    assert [c.accumulation(n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert {c.tokens_per_step(n) for n in (1, 2, 4, 8)} == {32 * 128}
+    with pytest.raises(SpecConflict, match="global_batch") as conflict:
+        c.accumulation(16)  # 32 sequences cannot be micro-batches of 4 on 16 processes
+    assert conflict.value.field == "global_batch"
+    assert CPTConfig.model_validate(json.loads(c.model_dump_json())) == c  # a dumped config reads back
+    plain = CPTConfig(batch_size=4, grad_accum=8)  # without it: batch_size x grad_accum x processes
+    assert [plain.accumulation(n) for n in (1, 2)] == [8, 8] and plain.sequences_per_step(2) == 64
 
 
 def test_unusable_inputs_are_input_errors(tmp_path: Path, tiny_model, tok, corpus: str) -> None:

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from langadapt.core.adaptation.config import TrainingConfig
 from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.train.distributed import local, local_rows
 from langadapt.core.adaptation.weights import input_rows, output_rows
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -116,20 +117,28 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
 class FrozenRows:
     """Keeps some rows of trained vocabulary matrices exactly as they are: their gradients are zeroed before
     clipping (so they neither move nor weigh in the gradient norm) and their values are written back after every
-    optimizer step (AdamW's decoupled weight decay would otherwise shrink them)."""
+    optimizer step (AdamW's decoupled weight decay would otherwise shrink them).
 
-    def __init__(self, matrices: list[nn.Parameter], rows: torch.Tensor) -> None:
-        self._kept = [(m, rows.to(m.device), m.detach()[rows.to(m.device)].clone()) for m in matrices]
+    `keep` marks the kept rows of the whole matrix; a matrix sharded over processes (FSDP2) keeps those of its
+    rows this process holds."""
 
+    @torch.no_grad()
+    def __init__(self, matrices: list[nn.Parameter], keep: torch.Tensor) -> None:
+        self._kept = []
+        for m in matrices:
+            rows = keep[local_rows(m)].nonzero().flatten().to(m.device)
+            self._kept.append((m, rows, local(m)[rows].clone()))
+
+    @torch.no_grad()
     def zero_grads(self) -> None:
         for matrix, rows, _ in self._kept:
             if matrix.grad is not None:
-                matrix.grad.index_fill_(0, rows, 0.0)
+                local(matrix.grad).index_fill_(0, rows, 0.0)
 
     @torch.no_grad()
     def restore(self) -> None:
         for matrix, rows, values in self._kept:
-            matrix.index_copy_(0, rows, values)
+            local(matrix).index_copy_(0, rows, values)
 
 
 def frozen_old_rows(model: PreTrainedModel, new_rows: Sequence[int]) -> FrozenRows:
@@ -139,7 +148,7 @@ def frozen_old_rows(model: PreTrainedModel, new_rows: Sequence[int]) -> FrozenRo
     matrices = list({id(m): m for m in matrices}.values())  # a tied head is the embedding matrix
     keep = torch.ones(embeddings.shape[0], dtype=torch.bool)
     keep[torch.tensor(list(new_rows), dtype=torch.long)] = False
-    return FrozenRows([m for m in matrices if isinstance(m, nn.Parameter)], keep.nonzero().flatten())
+    return FrozenRows([m for m in matrices if isinstance(m, nn.Parameter)], keep)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -209,8 +218,11 @@ class Precision:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
-def prepare_for_training(model: PreTrainedModel, device: torch.device) -> tuple[OriginalState, Precision]:
-    """Capture the caller's model state, then place the model for training on `device`.
+def prepare_for_training(
+    model: PreTrainedModel, device: torch.device, *, place: bool = True
+) -> tuple[OriginalState, Precision]:
+    """Capture the caller's model state, then place the model for training on `device` (`place=False`: leave it
+    where it is, for FSDP2, which moves each unit's shards to the device as it shards it).
 
     On CUDA: TF32 matmuls and bf16 autocast (after `apply_trainable`, `OriginalState.park_frozen_in_bf16` holds the
     frozen weights in bf16). Elsewhere the model runs in float32 (no autocast: one dtype for every matmul).
@@ -224,7 +236,8 @@ def prepare_for_training(model: PreTrainedModel, device: torch.device) -> tuple[
     try:
         if not precision.bf16:
             model.float()
-        model.to(device)  # type: ignore[arg-type]  # transformers wraps `to`; mypy reads the wrapper's signature
+        if place:
+            model.to(device)  # type: ignore[arg-type]  # transformers wraps `to`; mypy reads the wrapper's signature
     except BaseException:
         original.restore(model)
         raise

@@ -1,7 +1,8 @@
 """Continued pretraining (CPT) on a target-language corpus: the training stage of language adaptation.
 
-One accelerate loop for the CPU, one GPU and several GPUs (`accelerate launch`, plain DDP), readable top to
-bottom: `run_cpt` (the loop), then checkpoints. Settings: `config.CPTConfig`; what it shares with SFT (trainable
+One accelerate loop for the CPU, one GPU and several GPUs of one machine (under `torchrun`, started by
+`launch.launch_cpt`: DDP, or FSDP2 with distributed checkpoints, `distributed.py`), readable top to bottom:
+`run_cpt` (the loop), then checkpoints. Settings: `config.CPTConfig`; what it shares with SFT (trainable
 set, AdamW, schedule, precision): `common.py`.
 
 What learns (`trainable`):
@@ -13,12 +14,13 @@ What learns (`trainable`):
   scale; `model/` is the base with the adapter merged.
 - `full`: every parameter.
 
-Batches are packed blocks of the streamed corpus (`packing.py`); the global batch is
+Batches are packed blocks of the streamed corpus (`packing.py`); the global batch is `global_batch` (whatever the
+number of processes: 1 or N processes train on the same sequences per step, the accumulation is derived) or else
 `batch_size x grad_accum x processes` sequences of `seq_len` tokens (on a GPU a step's sequences are regrouped
-into the largest micro-batches that fit: `memory.py`). Every `checkpoint_every` steps
-(and at the end, and on cancellation) a checkpoint holds the model delta (trainable parameters only), optimizer,
-scheduler, data position, RNG states and step, so `run_cpt(..., resume=True)` continues exactly where it stopped:
-N steps in one go and k steps + resume + N - k steps give the same weights.
+into the largest micro-batches that fit: `memory.py`; not under FSDP2, whose micro-batch is the configured one).
+Every `checkpoint_every` steps (and at the end, and on cancellation) a checkpoint holds the model delta (trainable
+parameters only), optimizer, scheduler, data position, RNG states and step, so `run_cpt(..., resume=True)`
+continues exactly where it stopped: N steps in one go and k steps + resume + N - k steps give the same weights.
 
 Speed (the loop has to beat the Hugging Face `Trainer`; `bench/cpt_throughput.py` measures it):
 - no host sync per micro-step: the loss is summed on the device and read every `log_every` steps only; the
@@ -63,7 +65,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from langadapt.core.adaptation.config import CPTConfig
+from langadapt.core.adaptation.config import CPTConfig, SpecConflict, Strategy
 from langadapt.core.adaptation.corpus import require_documents
 from langadapt.core.adaptation.errors import AdaptationInputError, TrainingDiverged
 from langadapt.core.adaptation.fsutil import atomic_output_dir
@@ -84,6 +86,13 @@ from langadapt.core.adaptation.train.common import (
     prepare_for_training,
     release_lora,
     trainable_parameters,
+)
+from langadapt.core.adaptation.train.distributed import (
+    gather_model,
+    load_sharded,
+    save_sharded,
+    shard_for_training,
+    to_float,
 )
 from langadapt.core.adaptation.train.memory import MicroBatchPlan, fit_micro_batch
 from langadapt.core.adaptation.train.packing import (
@@ -117,6 +126,7 @@ class CPTResult:
     seconds: float  # wall time of this call, saving included
     tokens_per_s: float  # training throughput of this call (tokens trained now / time in the loop)
     resumed_from: int  # the checkpoint step this call started from (0: a fresh run)
+    processes: int  # training processes (torchrun ranks)
     micro_batch: int  # sequences per forward / backward pass (per process): `batch_size`, or fitted on a GPU
     compiled: bool  # the transformer stack ran through torch.compile (false also after a failed compilation)
     first_step_s: float | None  # wall time of this call's first optimizer step (compilation included)
@@ -148,6 +158,7 @@ def run_cpt(
     resume: bool = False,
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    strategy: Strategy = "ddp",
 ) -> CPTResult:
     """Continue pretraining `model` (in place) on `corpus_path` and save it to `out_dir/model`.
 
@@ -163,6 +174,11 @@ def run_cpt(
 
     Afterwards `model` holds the trained weights in their original dtypes and device (for `lora+head` the adapter
     merged in; after a cancellation it holds the unmerged partial state).
+
+    Under `torchrun` (several processes) `strategy` says how they share the model: `ddp` (a replica each, gradients
+    all-reduced) or `fsdp2` (sharded: `distributed.py`; `model` is then sharded in place and left so: the result is
+    `model/`, written by process 0). Checkpoints are then distributed (DCP); a resume must use the same number of
+    processes and strategy. One process ignores `strategy`.
     """
     started = time.perf_counter()
     check_tokenizer_matches(model, tokenizer)
@@ -179,33 +195,47 @@ def run_cpt(
     accelerator = _accelerator()
     device = accelerator.device
     cuda = device.type == "cuda"
+    world = accelerator.num_processes
+    sharded = world > 1 and strategy == "fsdp2"
+    try:
+        config.accumulation(world)
+    except SpecConflict as exc:
+        raise AdaptationInputError(str(exc), "invalid_global_batch") from exc
     total_steps = config.steps
-    tokens_per_step = config.tokens_per_step(accelerator.num_processes)
+    tokens_per_step = config.tokens_per_step(world)
     paths = TrainingDir(os.path.abspath(out_dir))
     checkpoint = _prepare_out_dir(paths, config, resume, accelerator)
 
     # Model, trainable set, optimizer. Seeded first: LoRA's initialisation draws random numbers.
     set_seed(config.seed)
-    original, precision = prepare_for_training(model, device)
+    original, precision = prepare_for_training(model, device, place=not sharded)
     module: nn.Module = model
     try:
         module = apply_trainable(model, config.trainable, config)
-        params = trainable_parameters(module)
-        fp32_masters(params)
-        if precision.bf16 and module is model:
+        fp32_masters(trainable_parameters(module))
+        if precision.bf16 and module is model and not sharded:  # FSDP2 all-gathers in bf16 instead
             original.park_frozen_in_bf16(model)
+        # The loss head computes the LM head and cross-entropy in chunks (`lm_loss.py`): no full logits. It wraps
+        # `model`, whose layers hold the LoRA adapters too. prepare: device placement; DDP with several processes.
+        # (compile by default on one GPU or DDP; FSDP2's per-unit hooks are not compiled unless asked)
+        compile = cuda and not sharded if config.compile is None else config.compile
+        loss_module = CausalLMLoss(model, compile=compile)
+        if sharded:
+            shard_for_training(loss_module, model, device, bf16=precision.bf16)
+            train_module: nn.Module = loss_module
+        else:
+            train_module = accelerator.prepare(loss_module)
+        params = trainable_parameters(module)  # after sharding: the sharded parameters
         frozen = frozen_old_rows(model, new_rows) if config.train_rows == "new" and new_rows else None
         optimizer = adamw(params, config, model=model, fused=cuda)
         scheduler = lr_schedule(optimizer, config, warmup_steps=config.warmup_steps, total_steps=total_steps)
         state = _TrainState()
         if checkpoint is not None:
-            state = _load_checkpoint(checkpoint, config, params, optimizer, scheduler, accelerator)
+            state = _load_checkpoint(
+                checkpoint, config, strategy, loss_module, params, optimizer, scheduler, accelerator
+            )
         resumed_from = state.step
-        # The loss head computes the LM head and cross-entropy in chunks (`lm_loss.py`): no full logits. It wraps
-        # `model`, whose layers hold the LoRA adapters too. prepare: device placement; DDP with several processes.
-        loss_module = CausalLMLoss(model, compile=cuda if config.compile is None else config.compile)
-        ddp_loss = accelerator.prepare(loss_module)
-        plan = _micro_batch_plan(model, config, state, params, optimizer, precision, accelerator)
+        plan = _micro_batch_plan(model, config, state, params, optimizer, precision, accelerator, fit=not sharded)
         state.micro_batch = plan.micro_batch
 
         blocks = MixedBlocks(
@@ -234,9 +264,10 @@ def run_cpt(
         loop_started = last_log = time.perf_counter()
 
         def micro_step(input_ids: torch.Tensor, last: bool) -> torch.Tensor:
-            with nullcontext() if last else accelerator.no_sync(ddp_loss):
+            # DDP all-reduces on the last micro-batch only; FSDP2 reduce-scatters each (gradients stay sharded).
+            with nullcontext() if last or sharded else accelerator.no_sync(train_module):
                 with precision.autocast():
-                    loss = ddp_loss(input_ids, labels=input_ids).mean()
+                    loss = train_module(input_ids, labels=input_ids).mean()
                 accelerator.backward(loss / accum)
             return loss.detach()
 
@@ -289,7 +320,7 @@ def run_cpt(
                         "lr": lr,
                         "tokens_per_s": steps_since_log * tokens_per_step / max(now - last_log, 1e-9),
                         "tokens_seen": state.tokens_seen,
-                        "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "grad_norm": None if grad_norm is None else to_float(grad_norm),
                     }
                     if progress is not None and accelerator.is_main_process:
                         progress(report)
@@ -300,7 +331,16 @@ def run_cpt(
                     raise TrainingDiverged("cpt", state.step, float("nan"))  # never checkpoint diverged weights
                 if checkpointing:
                     checkpoint_dir = _save_checkpoint(
-                        paths, config, state, total_steps, params, optimizer, scheduler, accelerator
+                        paths,
+                        config,
+                        strategy,
+                        state,
+                        total_steps,
+                        loss_module,
+                        params,
+                        optimizer,
+                        scheduler,
+                        accelerator,
                     )
         loop_seconds = time.perf_counter() - loop_started
         trained_tokens = (state.step - resumed_from) * tokens_per_step
@@ -310,7 +350,10 @@ def run_cpt(
             trained_tokens -= tokens_per_step
 
         model_dir = adapter_dir = None
-        if cancelled:
+        if sharded:
+            if not cancelled:
+                model_dir, adapter_dir = _save_gathered(loss_module, model, tokenizer, config, paths, original)
+        elif cancelled:
             release_lora(module, model, merge=False)
             original.restore(model)
         else:
@@ -324,6 +367,7 @@ def run_cpt(
             seconds=time.perf_counter() - started,
             tokens_per_s=trained_tokens / loop_seconds if trained_tokens else 0.0,
             resumed_from=resumed_from,
+            processes=world,
             micro_batch=plan.micro_batch,
             compiled=loss_module.compiled,
             first_step_s=first_step_s,
@@ -336,8 +380,9 @@ def run_cpt(
         return result
     except BaseException:
         # Leave the caller's model as it came (values aside): no LoRA layers, its dtypes, device and flags.
-        release_lora(module, model, merge=False)
-        original.restore(model)
+        if not sharded:
+            release_lora(module, model, merge=False)
+            original.restore(model)
         raise
 
 
@@ -347,9 +392,11 @@ def _accelerator() -> Accelerator:
     accelerate keeps one process-wide state, and whatever ran before in this process (a `Trainer`, a run with
     other settings) may have set another precision, which `Accelerator` refuses to change; like the `Trainer`, start
     from a clean state (the distributed setup, `PartialState`, is kept).
+
+    Without CUDA, `cpu=True`: only then does accelerate join the processes that torchrun started (gloo).
     """
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision="no")
+    return Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
 
 
 def _micro_batch_plan(
@@ -360,15 +407,18 @@ def _micro_batch_plan(
     optimizer: torch.optim.Optimizer,
     precision: Precision,
     accelerator: Accelerator,
+    *,
+    fit: bool,
 ) -> MicroBatchPlan:
-    """The configured micro-batches, those of the run being resumed, or on a GPU the largest that fit
+    """The configured micro-batches, those of the run being resumed, or with `fit` on a GPU the largest that fit
     (`memory.fit_micro_batch`, measured eagerly on random ids; every process takes the smallest of their choices)."""
-    sequences = config.batch_size * config.grad_accum
+    accum = config.accumulation(accelerator.num_processes)
+    sequences = config.batch_size * accum  # per process
     if state.micro_batch is not None:
         return MicroBatchPlan(state.micro_batch, sequences // state.micro_batch, None)
     device = accelerator.device
-    if device.type != "cuda" or not config.auto_micro_batch:
-        return MicroBatchPlan(config.batch_size, config.grad_accum, None)
+    if device.type != "cuda" or not config.auto_micro_batch or not fit:
+        return MicroBatchPlan(config.batch_size, accum, None)
     probe = CausalLMLoss(model)
     vocab = input_rows(model).shape[0]
     generator = torch.Generator().manual_seed(0)
@@ -416,28 +466,60 @@ def _save_final(
     accelerator: Accelerator,
 ) -> tuple[str, str | None]:
     """Write `model/` (and `lora/` for lora+head: the adapter alone, before merging it into `model`)."""
-    adapter_dir = None
     if module is not model:
-        adapter_dir = paths.adapter
         if accelerator.is_main_process:
-            with atomic_output_dir(adapter_dir, overwrite=True) as tmp:
-                module.save_pretrained(tmp, save_embedding_layers=False)  # type: ignore[operator]
+            _save_adapter(module, paths)
         release_lora(module, model, merge=True)  # merges into `model`'s own layers
     original.restore(model)
     if accelerator.is_main_process:
-        shutil.rmtree(paths.model, ignore_errors=True)  # a resumed run that had already finished
-        save_pretrained(model, tokenizer, paths.model)
+        _save_model(model, tokenizer, paths)
     accelerator.wait_for_everyone()
-    return paths.model, adapter_dir
+    return paths.model, paths.adapter if module is not model else None
+
+
+def _save_gathered(
+    loss_module: CausalLMLoss,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: CPTConfig,
+    paths: TrainingDir,
+    original: OriginalState,
+) -> tuple[str, str | None]:
+    """`_save_final` for a sharded model: process 0 gathers it into a new model on the host and writes that."""
+    gathered = gather_model(
+        loss_module, model, prefix="model", add_trainable=lambda m: apply_trainable(m, config.trainable, config)
+    )
+    if gathered is not None:
+        new_model, module = gathered
+        if module is not new_model:
+            _save_adapter(module, paths)
+            release_lora(module, new_model, merge=True)
+        original.restore(new_model)  # the caller's dtypes, on the host
+        _save_model(new_model, tokenizer, paths)
+    torch.distributed.barrier()
+    return paths.model, paths.adapter if config.trainable == "lora+head" else None
+
+
+def _save_adapter(module: nn.Module, paths: TrainingDir) -> None:
+    with atomic_output_dir(paths.adapter, overwrite=True) as tmp:
+        module.save_pretrained(tmp, save_embedding_layers=False)  # type: ignore[operator]
+
+
+def _save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, paths: TrainingDir) -> None:
+    shutil.rmtree(paths.model, ignore_errors=True)  # a resumed run that had already finished
+    save_pretrained(model, tokenizer, paths.model)
 
 
 # ---- checkpoints ----
 #
 # The layout of out_dir is `rundir.TrainingDir`. A checkpoint directory holds:
-#     trainable.safetensors                   the model delta: the trainable parameters by name (fp32)
-#     optimizer.pt, scheduler.pt              AdamW and LambdaLR state dicts
+#     trainable.safetensors                   one process: the model delta, the trainable parameters by name (fp32)
+#     optimizer.pt                            one process: AdamW's state dict
+#     .metadata, __<process>_0.distcp         several processes: the same two as a DCP checkpoint, in shards
+#     scheduler.pt                            LambdaLR's state dict
 #     rng-<process>.pt                        python / numpy / torch / CUDA RNG states of each process
-#     state.json                              step, tokens, data position, loss, config, parameter names
+#     state.json                              step, tokens, data position, loss, config, processes, strategy,
+#                                             parameter names
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
@@ -461,8 +543,10 @@ def _prepare_out_dir(paths: TrainingDir, config: CPTConfig, resume: bool, accele
 def _save_checkpoint(
     paths: TrainingDir,
     config: CPTConfig,
+    strategy: Strategy,
     state: _TrainState,
     total_steps: int,
+    loss_module: nn.Module,
     params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: LambdaLR,
@@ -470,16 +554,20 @@ def _save_checkpoint(
 ) -> str:
     final = paths.checkpoint(state.step)
     tmp = os.path.join(paths.checkpoints, f".tmp-{os.path.basename(final)}")
+    distributed = accelerator.num_processes > 1
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), os.path.join(tmp, f"rng-{accelerator.process_index}.pt"))
+    if distributed:
+        save_sharded(tmp, loss_module, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
-        save_file(tensors, os.path.join(tmp, "trainable.safetensors"), metadata={"format": "pt"})
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if not distributed:
+            tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
+            save_file(tensors, os.path.join(tmp, "trainable.safetensors"), metadata={"format": "pt"})
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         meta = {
             "step": state.step,
@@ -489,6 +577,7 @@ def _save_checkpoint(
             "loss": state.loss,
             "micro_batch": state.micro_batch,
             "num_processes": accelerator.num_processes,
+            "strategy": strategy if distributed else None,
             "config": config.model_dump(mode="json"),
             "trainable": list(params),
         }
@@ -504,6 +593,8 @@ def _save_checkpoint(
 def _load_checkpoint(
     path: str,
     config: CPTConfig,
+    strategy: Strategy,
+    loss_module: nn.Module,
     params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: LambdaLR,
@@ -519,20 +610,30 @@ def _load_checkpoint(
     )
     if changed:
         raise AdaptationInputError(f"cannot resume {path}: the config differs in {', '.join(changed)}")
-    if meta["num_processes"] != accelerator.num_processes:
+    world = accelerator.num_processes
+    if meta["num_processes"] != world:
         raise AdaptationInputError(
-            f"cannot resume {path}: it ran on {meta['num_processes']} processes, "
-            f"this run has {accelerator.num_processes}"
+            f"cannot resume {path}: it ran on {meta['num_processes']} processes, this run has {world} "
+            "(a resumed run keeps its number of GPUs)",
+            "world_size_changed",
+        )
+    if world > 1 and meta.get("strategy") != strategy:
+        raise AdaptationInputError(
+            f"cannot resume {path}: it ran with strategy {meta.get('strategy')}, this run has {strategy}",
+            "strategy_changed",
         )
     if meta["trainable"] != list(params):
         raise AdaptationInputError(f"cannot resume {path}: its trainable parameters are not this model's")
-    delta = load_file(os.path.join(path, "trainable.safetensors"))
-    with torch.no_grad():
-        for name, p in params.items():
-            if delta[name].shape != p.shape:
-                raise AdaptationInputError(f"cannot resume {path}: {name} has shape {tuple(delta[name].shape)}")
-            p.copy_(delta[name])
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+    if world > 1:
+        load_sharded(path, loss_module, optimizer)
+    else:
+        delta = load_file(os.path.join(path, "trainable.safetensors"))
+        with torch.no_grad():
+            for name, p in params.items():
+                if delta[name].shape != p.shape:
+                    raise AdaptationInputError(f"cannot resume {path}: {name} has shape {tuple(delta[name].shape)}")
+                p.copy_(delta[name])
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
     rng_path = os.path.join(path, f"rng-{accelerator.process_index}.pt")
     if os.path.isfile(rng_path):
