@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "jobs", "api", "worker", "cli")
+PACKAGES = ("core", "jobs", "api", "worker", "cli", "client")
 
 
 def test_every_module_imports_from_outside_the_repository(tmp_path: Path) -> None:
