@@ -63,7 +63,7 @@ def create_job(
         existing = _by_idempotency_key(session, team, idempotency_key)
         if existing is not None:
             return _replay(existing, fingerprint), False
-    _validate(session=session, store=store, settings=settings, team=team, request=request)
+    validate_request(session=session, store=store, settings=settings, team=team, request=request)
     job = Job(
         team_id=team.id,
         status=JobStatus.queued,
@@ -106,7 +106,10 @@ def _replay(job: Job, fingerprint: str) -> Job:
     return job
 
 
-def _validate(*, session: Session, store: ArtifactStore, settings: Settings, team: Team, request: JobRequest) -> None:
+def validate_request(
+    *, session: Session, store: ArtifactStore, settings: Settings, team: Team, request: JobRequest
+) -> None:
+    """What a submission needs beyond its schema: the team's files, allowed models, configured task data."""
     for field, file_id in request.file_ids().items():
         row = session.get(File, file_id)
         if row is None or row.team_id != team.id:

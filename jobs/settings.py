@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(30.0, gt=0)
     visibility_timeout_s: int = Field(7 * 24 * 3600, gt=0, description="above the longest job")
 
+    # Dry-run estimates (jobs/estimate.py): the FLOPs model that seeds the throughput table (H100 SXM dense bf16).
+    estimate_gpu_tflops: float = Field(989.0, gt=0, description="peak GPU TFLOP/s of the seed throughput model")
+    estimate_mfu: float = Field(0.35, gt=0, le=1, description="model FLOPs utilisation of the seed model")
+    payoff_timeout_s: float = Field(300.0, gt=0, description="limit of the quick vocabulary build of an estimate")
+
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
         if self.environment == "production":

@@ -36,6 +36,13 @@ def test_submit_wait_then_inspect_download_and_results(service, model_root, corp
             }
         )
     )
+    estimate = json.loads(cli(service, key, "jobs", "submit", str(spec), "--dry-run", "--json").stdout)
+    assert [stage["stage"] for stage in estimate["stages"]] == ["tokenizer", "init", "cpt", "evaluate"]
+    assert estimate["payoff"]["gain"] > 1
+    table = cli(service, key, "jobs", "submit", str(spec), "--dry-run").stdout
+    assert "GPU minutes: " in table and "payoff: " in table and "(cached" not in table
+    assert cli(service, key, "jobs", "list").stdout == ""  # a dry run leaves no job
+
     started = time.monotonic()
     done = cli(service, key, "jobs", "submit", str(spec), "--wait")
     print(f"langadapt jobs submit --wait: {time.monotonic() - started:.1f} s")
