@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from langadapt.jobs import webhooks
 from langadapt.jobs.models import Artifact, Job, JobEvent, JobStatus, Score, utcnow
 
 ACTIVE = (JobStatus.running, JobStatus.cancelling)
@@ -119,6 +120,8 @@ def finish_job(session: Session, job_id: str, worker: str, status: JobStatus, er
     done = session.execute(
         update(Job).where(Job.id == job_id, Job.worker == worker, Job.status.in_(ACTIVE)).values(**values)
     ).rowcount
+    if done:
+        webhooks.notify(session, job_id, f"job.{status}")
     session.commit()
     return bool(done)
 
@@ -156,6 +159,7 @@ def reap_stale(session: Session, timeout_s: float) -> list[str]:
                     message="worker lost: job marked " + str(values["status"]),
                 )
             )
+            webhooks.notify(session, job.id, f"job.{values['status']}")
             reaped.append(job.id)
     session.commit()
     return reaped

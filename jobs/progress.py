@@ -8,7 +8,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from langadapt.core.adaptation.events import Event, Message, Progress, StageDone, StageSkipped, StageStarted
-from langadapt.jobs import execution
+from langadapt.jobs import execution, webhooks
 
 log = logging.getLogger("langadapt.jobs")
 
@@ -36,6 +36,8 @@ class JobEventRecorder:
             text = "started" if isinstance(event, StageStarted) else "complete output found: skipped"
             add(session, self.job_id, type="stage", stage=event.stage, message=text)
         elif isinstance(event, StageDone):
+            done = {"stage": event.stage, "seconds": event.seconds}
+            webhooks.notify(session, self.job_id, "job.stage_completed", done)
             add(session, self.job_id, type="stage", stage=event.stage, message=f"done in {event.seconds} s")
         elif isinstance(event, Progress):
             execution.set_progress(session, self.job_id, step=event.step, total=event.total, eta_s=event.eta_s)

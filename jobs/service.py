@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from langadapt.core.adaptation.task_names import MERA_TASKS
+from langadapt.jobs import webhooks
 from langadapt.jobs.catalogue import check_model_reference
 from langadapt.jobs.errors import Conflict, Invalid, NotFound
 from langadapt.jobs.models import RETRYABLE, File, Job, JobEvent, JobLabel, JobStatus, Team, utcnow
@@ -158,6 +159,8 @@ def cancel_job(session: Session, team: Team, job_id: str) -> Job:
         ).rowcount
         if changed:
             _event(session, job.id, f"cancel requested ({from_status} -> {to_status})")
+            if to_status == JobStatus.cancelled:
+                webhooks.notify(session, job.id, "job.cancelled")
             break
     session.commit()
     session.refresh(job)

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     estimate_mfu: float = Field(0.35, gt=0, le=1, description="model FLOPs utilisation of the seed model")
     payoff_timeout_s: float = Field(300.0, gt=0, description="limit of the quick vocabulary build of an estimate")
 
+    webhooks_allow_private: bool = Field(
+        False, description="allow webhook URLs on private / loopback networks (SSRF guard off: tests, closed labs)"
+    )
+    webhook_max_attempts: int = Field(8, ge=1)
+    webhook_backoff_s: float = Field(10.0, gt=0, description="first retry delay; doubles per attempt (max 1 h)")
+    webhook_poll_s: float = Field(2.0, gt=0, description="how often the maintenance worker sends due deliveries")
+
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
         if self.environment == "production":
