@@ -14,5 +14,8 @@ def packages(folder: str) -> list[str]:
 setup(
     packages=[name for folder in FOLDERS for name in packages(folder) if "__pycache__" not in name],
     package_dir={f"langadapt.{folder}": folder for folder in FOLDERS},
-    package_data={"langadapt.migrations": ["script.py.mako"]},
+    package_data={
+        "langadapt.migrations": ["script.py.mako"],
+        "langadapt.api": ["dashboard/templates/*.html", "dashboard/static/*"],
+    },
 )

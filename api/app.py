@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from langadapt.api import errors, metrics
+from langadapt.api import dashboard, errors, metrics
 from langadapt.api.routes import ROUTERS
 from langadapt.jobs.db import check_migrated
 from langadapt.jobs.runtime import build_services
@@ -46,4 +46,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
+    dashboard.install(app)
     return app

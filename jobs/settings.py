@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     estimate_mfu: float = Field(0.35, gt=0, le=1, description="model FLOPs utilisation of the seed model")
     payoff_timeout_s: float = Field(300.0, gt=0, description="limit of the quick vocabulary build of an estimate")
 
+    dashboard_secret: str | None = Field(
+        None, description="signs dashboard session cookies (default: a random key kept in home, per machine)"
+    )
+
     webhooks_allow_private: bool = Field(
         False, description="allow webhook URLs on private / loopback networks (SSRF guard off: tests, closed labs)"
     )
