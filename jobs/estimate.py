@@ -2,8 +2,8 @@
 the service's throughput table, artifact bytes, and (`payoff.py`) what the new vocabulary buys.
 
 The throughput table: tokens/s per (base model, stage). Measured rows come from finished jobs of this service (the
-CPT loop reports `tokens_per_s`: the median of the latest reports of succeeded jobs with the same base model and
-trainable set). Where nothing was measured yet, the seed is a FLOPs model: `gpu_tflops x mfu / FLOPs per token`
+CPT loop's `tokens_per_s`, kept on the job row: the median over the latest succeeded jobs with the same base model
+and trainable set). Where nothing was measured yet, the seed is a FLOPs model: `gpu_tflops x mfu / FLOPs per token`
 (settings `estimate_gpu_tflops`, `estimate_mfu`; forward 2N per token, backward 2N + 2 x trainable parameters),
 labelled as such in every answer. It is a first-principles seed, not a measurement.
 """
@@ -20,13 +20,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from langadapt.jobs.catalogue import catalogue
-from langadapt.jobs.models import Job, JobEvent, JobStatus
+from langadapt.jobs.models import Job, JobStatus
 from langadapt.jobs.settings import Settings
 from langadapt.jobs.spec import JobRequest
 
 CHARS_PER_TOKEN_GUESS = 3.0  # held-out chars -> tokens when no payoff was measured
 TOKENIZER_BYTES_PER_TOKEN = 64  # tokenizer.json: the vocabulary entry and its merge, roughly
-MEASURED_REPORTS = 200
+MEASURED_JOBS = 50
 
 
 @dataclass(frozen=True)
@@ -126,28 +126,17 @@ def seed_rate(settings: Settings, shape: ModelShape, *, trainable: int | None) -
 
 
 def measured_cpt_rate(session: Session, base_model: str, trainable: str) -> Rate | None:
-    """The median tokens/s the latest succeeded CPT runs of this base model and trainable set reported."""
+    """The median CPT tokens/s of the latest succeeded jobs of this base model and trainable set."""
     rows = session.execute(
-        select(JobEvent.data, Job.request, Job.id)
-        .join(Job, Job.id == JobEvent.job_id)
-        .where(
-            Job.base_model == base_model,
-            Job.status == JobStatus.succeeded,
-            JobEvent.stage == "cpt",
-            JobEvent.type == "metrics",
-        )
-        .order_by(JobEvent.id.desc())
-        .limit(MEASURED_REPORTS)
+        select(Job.cpt_tokens_per_s, Job.request)
+        .where(Job.base_model == base_model, Job.status == JobStatus.succeeded, Job.cpt_tokens_per_s.is_not(None))
+        .order_by(Job.id.desc())
+        .limit(MEASURED_JOBS)
     ).all()
-    rates, jobs = [], set()
-    for data, request, job_id in rows:
-        value = (data or {}).get("tokens_per_s")
-        if value and (request.get("cpt") or {}).get("trainable") == trainable:
-            rates.append(float(value))
-            jobs.add(job_id)
+    rates = [float(rate) for rate, request in rows if (request.get("cpt") or {}).get("trainable") == trainable]
     if not rates:
         return None
-    return Rate(statistics.median(rates), f"measured: median of {len(rates)} reports from {len(jobs)} finished job(s)")
+    return Rate(statistics.median(rates), f"measured: median of {len(rates)} finished job(s)")
 
 
 def estimate_stages(

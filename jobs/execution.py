@@ -73,9 +73,28 @@ def set_stage(session: Session, job_id: str, stage: str) -> None:
     session.commit()
 
 
-def set_progress(session: Session, job_id: str, *, step: int, total: int | None, eta_s: float | None) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(progress_step=step, progress_total=total, eta_s=eta_s))
+def set_progress(
+    session: Session,
+    job_id: str,
+    *,
+    step: int,
+    total: int | None,
+    eta_s: float | None,
+    cpt_tokens_per_s: float | None = None,
+) -> None:
+    values: dict[str, Any] = {"progress_step": step, "progress_total": total, "eta_s": eta_s}
+    if cpt_tokens_per_s is not None:
+        values["cpt_tokens_per_s"] = cpt_tokens_per_s
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
     session.commit()
+
+
+def record_stage_seconds(session: Session, job_id: str, stage: str, seconds: float) -> None:
+    """A completed stage's duration on the job row (metrics read them from there); one writer per job."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is not None:
+        job.stage_seconds = {**(job.stage_seconds or {}), stage: seconds}
+        session.commit()
 
 
 def record_artifacts(session: Session, job_id: str, entries: list[Artifact]) -> None:

@@ -135,6 +135,8 @@ class Job(Base):
     progress_step: Mapped[int | None] = mapped_column(Integer)
     progress_total: Mapped[int | None] = mapped_column(Integer)
     eta_s: Mapped[float | None] = mapped_column(Float)
+    stage_seconds: Mapped[dict[str, float] | None] = mapped_column(JSON)  # completed stage -> its duration
+    cpt_tokens_per_s: Mapped[float | None] = mapped_column(Float)  # the CPT loop's latest report
 
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)

@@ -1,4 +1,4 @@
-"""webhooks and their delivery log
+"""webhooks and their delivery log; the jobs' stage durations and CPT throughput (metrics, estimates)
 
 Revision ID: 0003
 Revises: 0001
@@ -17,6 +17,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("stage_seconds", sa.JSON(), nullable=True))
+        batch.add_column(sa.Column("cpt_tokens_per_s", sa.Float(), nullable=True))
     op.create_table(
         "webhooks",
         sa.Column("id", sa.String(length=40), nullable=False),
@@ -63,3 +66,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("webhook_deliveries")
     op.drop_table("webhooks")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("cpt_tokens_per_s")
+        batch.drop_column("stage_seconds")

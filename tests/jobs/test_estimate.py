@@ -4,12 +4,14 @@ or queued: no job row, no broker message."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import redis
 from sqlalchemy import func, select
 
+from langadapt.jobs import execution
 from langadapt.jobs.db import make_engine, make_sessionmaker, session_scope
-from langadapt.jobs.models import Job, JobEvent, JobStatus, Team
+from langadapt.jobs.models import Job, JobStatus
 from tests.jobs.conftest import REDIS_URL, job_body
 
 
@@ -26,7 +28,8 @@ def _jobs_in_db(settings) -> int:
 
 
 def test_dry_run_estimates_without_a_job_or_a_message(client, auth, files, model_root, settings) -> None:
-    body = job_body(model_root, files, instruct_model=None)
+    # A base model no other test runs jobs on: the session's database is shared, and measured rates win.
+    body = job_body(model_root, files, instruct_model=None, base_model=str(model_root / "instruct"))
     jobs_before = _jobs_in_db(settings)
     response = client.post("/v1/jobs?dry_run=true", headers=auth, json=body)
     assert response.status_code == 200, response.text
@@ -42,7 +45,7 @@ def test_dry_run_estimates_without_a_job_or_a_message(client, auth, files, model
     assert cpt["rate_source"].startswith("seed: FLOPs model")
     assert cpt["gpu_minutes"] == round(cpt["tokens"] / cpt["tokens_per_s"] / 60, 2)
     assert estimate["gpu_minutes"] == round(sum(s["gpu_minutes"] for s in estimate["stages"]), 2)
-    config = json.loads((model_root / "base" / "config.json").read_text())
+    config = json.loads((model_root / "instruct" / "config.json").read_text())
     hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
     params = (vocab + 300) * hidden + layers * (4 * hidden**2 + 3 * hidden * config["intermediate_size"])
     assert estimate["artifact_bytes"] == 2 * params * 4 + (vocab + 300) * 64  # init + cpt models, the tokenizer
@@ -63,17 +66,19 @@ def test_dry_run_estimates_without_a_job_or_a_message(client, auth, files, model
 
 
 def test_finished_jobs_replace_the_seed_with_measured_throughput(client, auth, files, model_root, settings) -> None:
-    body = job_body(model_root, files, instruct_model=None)
-    job_id = client.post("/v1/jobs", headers=auth, json=body).json()["id"]
+    alias = model_root / f"alias-{uuid.uuid4().hex[:8]}"  # a model name only this test's jobs use
+    alias.symlink_to(model_root / "base")
+    body = job_body(model_root, files, instruct_model=None, base_model=str(alias))
     engine = make_engine(settings.database)
-    with session_scope(make_sessionmaker(engine)) as session:  # as a worker records a finished CPT
-        session.get(Job, job_id).status = JobStatus.succeeded
-        for rate in (100.0, 300.0, 200.0):
-            session.add(JobEvent(job_id=job_id, type="metrics", stage="cpt", data={"tokens_per_s": rate}))
-        assert session.scalar(select(func.count()).select_from(Team)) >= 1
+    for rate in (100.0, 300.0, 200.0):  # three jobs whose CPT reported these rates, as a worker records them
+        job_id = client.post("/v1/jobs", headers=auth, json=body).json()["id"]
+        with session_scope(make_sessionmaker(engine)) as session:
+            execution.claim_job(session, job_id, "test-worker")
+            execution.set_progress(session, job_id, step=6, total=6, eta_s=0.0, cpt_tokens_per_s=rate)
+            execution.finish_job(session, job_id, "test-worker", JobStatus.succeeded)
     engine.dispose()
     stages = client.post("/v1/jobs?dry_run=true", headers=auth, json=body).json()["stages"]
     cpt = next(stage for stage in stages if stage["stage"] == "cpt")
     assert cpt["tokens_per_s"] == 200.0
-    assert cpt["rate_source"] == "measured: median of 3 reports from 1 finished job(s)"
+    assert cpt["rate_source"] == "measured: median of 3 finished job(s)"
     assert cpt["gpu_minutes"] == round(6 * 2 * 32 / 200.0 / 60, 2)
