@@ -181,7 +181,7 @@ class Jobs:
                     for sse in EventSource(response).iter_sse():
                         if sse.event == "end":
                             return
-                        if not sse.id:
+                        if not sse.id or not sse.data:  # keep-alive comments arrive as empty events
                             continue
                         event = EventPublic.model_validate_json(sse.data)
                         last = event.id
