@@ -10,7 +10,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from langadapt.api import errors, metrics
+from langadapt.api import dashboard, errors, metrics
 from langadapt.api.headers import HeaderLimitMiddleware
 from langadapt.api.routes import ROUTERS
 from langadapt.api.streams import DatabaseSlots, EventWatcher, StreamGate
@@ -59,4 +59,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
+    dashboard.install(app)
     return app

@@ -1,13 +1,15 @@
-"""Response bodies, side by side per resource. Request bodies: `jobs.spec.JobRequest` (POST /v1/jobs)."""
+"""Response bodies, side by side per resource, shared with the Python client (`langadapt.client`): importing
+them needs pydantic only. Request bodies: `jobs.spec.JobRequest` (POST /v1/jobs), `WebhookRequest` here."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from langadapt.jobs.models import Artifact, File, Job, JobEvent, Score
+if TYPE_CHECKING:  # only the `of` constructors use the rows: the client imports these schemas without SQLAlchemy
+    from langadapt.jobs.models import Artifact, File, Job, JobEvent, Score
 
 
 class ErrorDetail(BaseModel):
@@ -230,6 +232,79 @@ class ModelPublic(BaseModel):
 
 class ModelsPublic(BaseModel):
     data: list[ModelPublic]
+    next: None = None
+
+
+class StageEstimate(BaseModel):
+    stage: str
+    tokens: int | None = Field(description="tokens the stage processes (trains on, generates or scores)")
+    steps: int | None = Field(description="optimizer steps (training stages)")
+    gpu_minutes: float | None = Field(description="null: no throughput known for this stage and model")
+    tokens_per_s: float | None
+    rate_source: str | None = Field(description="where the throughput comes from: measured (finished jobs) or seed")
+
+
+class PayoffEstimate(BaseModel):
+    """Chars/token of the source tokenizer and of a quick build of the proposed vocabulary, on a corpus sample."""
+
+    sample_chars: int
+    source_chars_per_token: float
+    proposed_chars_per_token: float
+    proposed: str = Field(description="what was built to measure it")
+    gain: float = Field(description="proposed / source chars per token: > 1 means shorter sequences")
+    cached: bool
+
+
+class EstimatePublic(BaseModel):
+    object: Literal["estimate"] = "estimate"
+    request: dict[str, Any] = Field(description="the validated job request, defaults filled in")
+    stages: list[StageEstimate]
+    gpu_minutes: float | None = Field(description="sum over stages; null when a stage's throughput is unknown")
+    artifact_bytes: int | None = Field(description="bytes the job's artifacts will take (null: model size unknown)")
+    payoff: PayoffEstimate | None
+
+
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage_completed"]
+WEBHOOK_EVENTS: tuple[str, ...] = ("job.succeeded", "job.failed", "job.cancelled", "job.stage_completed")
+
+
+class WebhookRequest(BaseModel):
+    url: str = Field(min_length=8, max_length=2000, description="http(s) URL deliveries are POSTed to")
+    events: list[WebhookEvent] = Field(default=list(WEBHOOK_EVENTS), min_length=1)
+
+
+class WebhookPublic(BaseModel):
+    id: str
+    object: Literal["webhook"] = "webhook"
+    url: str
+    events: list[str]
+    created_at: datetime
+
+
+class WebhookCreated(WebhookPublic):
+    secret: str = Field(description="signing secret, shown once: verify `Langadapt-Signature` with it")
+
+
+class WebhooksPublic(BaseModel):
+    data: list[WebhookPublic]
+    next: None = None
+
+
+class WebhookDeliveryPublic(BaseModel):
+    id: int
+    event: str
+    job_id: str | None
+    status: Literal["pending", "succeeded", "failed"]
+    attempts: int
+    response_status: int | None
+    error: str | None
+    created_at: datetime
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+
+class WebhookDeliveriesPublic(BaseModel):
+    data: list[WebhookDeliveryPublic]
     next: None = None
 
 

@@ -1,4 +1,6 @@
-"""`langadapt` command line: one sub-command group per area; adaptation commands live in `cli.adaptation`."""
+"""`langadapt` command line: one sub-command group per area; adaptation commands live in `cli.adaptation`, the
+service's in `cli.service`, the remote ones (`jobs`, `results`: a running service through the client) in
+`cli.remote`, which is dispatched before anything imports training code."""
 
 from __future__ import annotations
 
@@ -8,9 +10,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from langadapt.cli import adaptation, service
-from langadapt.core.adaptation.errors import AdaptationInputError
-from langadapt.core.adaptation.spec import describe_validation_error
+from langadapt.cli import remote
 
 EXIT_USER_ERROR = 2
 
@@ -20,8 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="langadapt", description="Language adaptation of LLMs: vocabularies, embedding init, LEP."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from langadapt.cli import adaptation, service
+
     adaptation.register(commands)
     service.register(commands)
+    remote.register(commands)
     return parser
 
 
@@ -34,6 +37,12 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in remote.COMMANDS:
+        return remote.main(argv)
+    from langadapt.core.adaptation.errors import AdaptationInputError
+    from langadapt.core.adaptation.spec import describe_validation_error
+
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from langadapt.jobs import webhooks
 from langadapt.jobs.models import Artifact, Job, JobEvent, JobStatus, Score, WorkerBeat, utcnow
 
 ACTIVE = (JobStatus.running, JobStatus.cancelling)
@@ -72,9 +73,28 @@ def set_stage(session: Session, job_id: str, stage: str) -> None:
     session.commit()
 
 
-def set_progress(session: Session, job_id: str, *, step: int, total: int | None, eta_s: float | None) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(progress_step=step, progress_total=total, eta_s=eta_s))
+def set_progress(
+    session: Session,
+    job_id: str,
+    *,
+    step: int,
+    total: int | None,
+    eta_s: float | None,
+    cpt_tokens_per_s: float | None = None,
+) -> None:
+    values: dict[str, Any] = {"progress_step": step, "progress_total": total, "eta_s": eta_s}
+    if cpt_tokens_per_s is not None:
+        values["cpt_tokens_per_s"] = cpt_tokens_per_s
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
     session.commit()
+
+
+def record_stage_seconds(session: Session, job_id: str, stage: str, seconds: float) -> None:
+    """A completed stage's duration on the job row (metrics read them from there); one writer per job."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is not None:
+        job.stage_seconds = {**(job.stage_seconds or {}), stage: seconds}
+        session.commit()
 
 
 def record_artifacts(session: Session, job_id: str, entries: list[Artifact]) -> None:
@@ -119,6 +139,8 @@ def finish_job(session: Session, job_id: str, worker: str, status: JobStatus, er
     done = session.execute(
         update(Job).where(Job.id == job_id, Job.worker == worker, Job.status.in_(ACTIVE)).values(**values)
     ).rowcount
+    if done:
+        webhooks.notify(session, job_id, f"job.{status}")
     session.commit()
     return bool(done)
 
@@ -156,6 +178,7 @@ def reap_stale(session: Session, timeout_s: float) -> list[str]:
                     message="worker lost: job marked " + str(values["status"]),
                 )
             )
+            webhooks.notify(session, job.id, f"job.{values['status']}")
             reaped.append(job.id)
     session.commit()
     return reaped

@@ -8,7 +8,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from langadapt.core.adaptation.events import Event, Message, Progress, StageDone, StageSkipped, StageStarted
-from langadapt.jobs import execution
+from langadapt.jobs import execution, webhooks
 
 log = logging.getLogger("langadapt.jobs")
 
@@ -36,9 +36,15 @@ class JobEventRecorder:
             text = "started" if isinstance(event, StageStarted) else "complete output found: skipped"
             add(session, self.job_id, type="stage", stage=event.stage, message=text)
         elif isinstance(event, StageDone):
+            execution.record_stage_seconds(session, self.job_id, event.stage, event.seconds)
+            done = {"stage": event.stage, "seconds": event.seconds}
+            webhooks.notify(session, self.job_id, "job.stage_completed", done)
             add(session, self.job_id, type="stage", stage=event.stage, message=f"done in {event.seconds} s")
         elif isinstance(event, Progress):
-            execution.set_progress(session, self.job_id, step=event.step, total=event.total, eta_s=event.eta_s)
+            rate = event.data.get("tokens_per_s") if event.stage == "cpt" else None
+            execution.set_progress(
+                session, self.job_id, step=event.step, total=event.total, eta_s=event.eta_s, cpt_tokens_per_s=rate
+            )
             data = {**event.data, "step": event.step, "total": event.total, "unit": event.unit, "eta_s": event.eta_s}
             add(session, self.job_id, type="metrics", stage=event.stage, data=data)
         else:

@@ -18,6 +18,7 @@ from langadapt.jobs.settings import Settings
 
 RUN_JOB = "langadapt.run_job"
 REAP = "langadapt.reap"
+DELIVER_WEBHOOKS = "langadapt.deliver_webhooks"
 GPU = "gpu"  # queue roles; the queue names are `settings.queue(role)`
 MAINTENANCE = "maintenance"
 ROLES = (GPU, MAINTENANCE)
@@ -33,12 +34,19 @@ def celery_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_concurrency=1,  # one job per GPU
         task_default_queue=settings.queue(GPU),
-        task_routes={RUN_JOB: {"queue": settings.queue(GPU)}, REAP: {"queue": settings.queue(MAINTENANCE)}},
+        task_routes={
+            RUN_JOB: {"queue": settings.queue(GPU)},
+            REAP: {"queue": settings.queue(MAINTENANCE)},
+            DELIVER_WEBHOOKS: {"queue": settings.queue(MAINTENANCE)},
+        },
         broker_transport_options=_transport_options(settings),
         broker_connection_timeout=5,
         broker_connection_retry_on_startup=True,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-        beat_schedule={"reap-stale-jobs": {"task": REAP, "schedule": timedelta(seconds=settings.reaper_interval_s)}},
+        beat_schedule={
+            "reap-stale-jobs": {"task": REAP, "schedule": timedelta(seconds=settings.reaper_interval_s)},
+            "deliver-webhooks": {"task": DELIVER_WEBHOOKS, "schedule": timedelta(seconds=settings.webhook_poll_s)},
+        },
         worker_hijack_root_logger=False,
     )
     return app

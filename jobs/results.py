@@ -91,3 +91,32 @@ def group_results(session: Session, team: Team, flt: ResultFilter, group_by: lis
 
 def job_scores(session: Session, job: Job) -> list[Score]:
     return list(session.scalars(select(Score).where(Score.job_id == job.id).order_by(Score.id)))
+
+
+def team_labels(session: Session, team: Team) -> list[tuple[str, str]]:
+    """Every label (key, value) on the team's jobs, for pickers."""
+    query = (
+        select(JobLabel.key, JobLabel.value)
+        .join(Job, Job.id == JobLabel.job_id)
+        .where(Job.team_id == team.id)
+        .distinct()
+        .order_by(JobLabel.key, JobLabel.value)
+    )
+    return [(key, value) for key, value in session.execute(query)]
+
+
+def paired_scores(
+    session: Session, team: Team, flt: ResultFilter, x: tuple[str, str], y: tuple[str, str], group: str
+) -> list[dict[str, Any]]:
+    """One point per (job, model) that has both the `x` and the `y` (task, metric) score: {job_id, model, group,
+    x, y}; `group` is a column of COLUMNS (the color of the point)."""
+    query = _where(select(Score.job_id, Score.model, Score.task, Score.metric, Score.value, COLUMNS[group]), team, flt)
+    query = query.where(Score.task.in_([x[0], y[0]]), Score.metric.in_([x[1], y[1]]))
+    points: dict[tuple[str, str], dict[str, Any]] = {}
+    for job_id, model, task, metric, value, group_value in session.execute(query):
+        point = points.setdefault((job_id, model), {"job_id": job_id, "model": model, "group": group_value})
+        if (task, metric) == x:
+            point["x"] = value
+        if (task, metric) == y:
+            point["y"] = value
+    return [point for point in points.values() if "x" in point and "y" in point]

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from langadapt.core.adaptation.task_names import MERA_TASKS
+from langadapt.jobs import webhooks
 from langadapt.jobs.catalogue import check_model_reference, local_location
 from langadapt.jobs.errors import Conflict, Invalid, NotFound
 from langadapt.jobs.limits import check_limits, check_positions
@@ -64,7 +65,7 @@ def create_job(
         existing = _by_idempotency_key(session, team, idempotency_key)
         if existing is not None:
             return _replay(existing, fingerprint), False
-    _validate(session=session, store=store, settings=settings, team=team, request=request)
+    validate_request(session=session, store=store, settings=settings, team=team, request=request)
     job = Job(
         team_id=team.id,
         status=JobStatus.queued,
@@ -107,7 +108,11 @@ def _replay(job: Job, fingerprint: str) -> Job:
     return job
 
 
-def _validate(*, session: Session, store: ArtifactStore, settings: Settings, team: Team, request: JobRequest) -> None:
+def validate_request(
+    *, session: Session, store: ArtifactStore, settings: Settings, team: Team, request: JobRequest
+) -> None:
+    """What a submission needs beyond its schema: this server's limits, the team's files, allowed models, the
+    base model's positions, configured task data."""
     check_limits(request, settings)
     for field, file_id in request.file_ids().items():
         row = session.get(File, file_id)
@@ -158,6 +163,8 @@ def cancel_job(session: Session, team: Team, job_id: str) -> Job:
         ).rowcount
         if changed:
             _event(session, job.id, f"cancel requested ({from_status} -> {to_status})")
+            if to_status == JobStatus.cancelled:
+                webhooks.notify(session, job.id, "job.cancelled")
             break
     session.commit()
     session.refresh(job)

@@ -87,6 +87,22 @@ class Settings(BaseSettings):
     )
     visibility_timeout_s: int = Field(7 * 24 * 3600, gt=0, description="above the longest job")
 
+    # Dry-run estimates (jobs/estimate.py): the FLOPs model that seeds the throughput table (H100 SXM dense bf16).
+    estimate_gpu_tflops: float = Field(989.0, gt=0, description="peak GPU TFLOP/s of the seed throughput model")
+    estimate_mfu: float = Field(0.35, gt=0, le=1, description="model FLOPs utilisation of the seed model")
+    payoff_timeout_s: float = Field(300.0, gt=0, description="limit of the quick vocabulary build of an estimate")
+
+    dashboard_secret: str | None = Field(
+        None, description="signs dashboard session cookies (default: a random key kept in home, per machine)"
+    )
+
+    webhooks_allow_private: bool = Field(
+        False, description="allow webhook URLs on private / loopback networks (SSRF guard off: tests, closed labs)"
+    )
+    webhook_max_attempts: int = Field(8, ge=1)
+    webhook_backoff_s: float = Field(10.0, gt=0, description="first retry delay; doubles per attempt (max 1 h)")
+    webhook_poll_s: float = Field(2.0, gt=0, description="how often the maintenance worker sends due deliveries")
+
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
         if self.environment == "production":

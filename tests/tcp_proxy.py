@@ -2,6 +2,8 @@
 
 `cut()` closes the listening socket and every open connection (clients see resets, new connects are refused);
 `restore()` listens again on the same port. The server behind it keeps its state, as a restarted one would.
+With `cut_after_bytes`, every connection is dropped once it has carried that many bytes from the server: a flaky
+network on which long responses (event streams, downloads) break part-way, every time.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import threading
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, cut_after_bytes: int | None = None) -> None:
         self.target = (target_host, target_port)
+        self.cut_after_bytes = cut_after_bytes
+        self.connections = 0
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
@@ -61,14 +65,23 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+                self.connections += 1
+            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, self.cut_after_bytes), daemon=True).start()
 
     @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+        sent = 0
         try:
             while data := source.recv(65536):
+                if limit is not None and sent + len(data) >= limit:
+                    sink.sendall(data[: limit - sent])
+                    for sock in (source, sink):  # drop the connection mid-response
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                    return
                 sink.sendall(data)
+                sent += len(data)
         except OSError:
             pass
         finally:

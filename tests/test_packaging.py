@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "jobs", "api", "worker", "cli")
+PACKAGES = ("core", "jobs", "api", "worker", "cli", "client")
 
 
 def test_every_module_imports_from_outside_the_repository(tmp_path: Path) -> None:
@@ -48,7 +48,14 @@ def test_the_wheel_installs_only_the_langadapt_namespace(tmp_path: Path) -> None
     top_level = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
     assert top_level == {"langadapt"}
     assert "langadapt/__init__.py" not in names  # an implicit namespace package: the folders map into it
-    for expected in ("langadapt/core/adaptation/pipeline.py", "langadapt/migrations/env.py", "langadapt/api/app.py"):
+    for expected in (
+        "langadapt/core/adaptation/pipeline.py",
+        "langadapt/migrations/env.py",
+        "langadapt/api/app.py",
+        "langadapt/client/client.py",
+        "langadapt/api/dashboard/templates/job.html",  # the dashboard's templates and stylesheet ship with it
+        "langadapt/api/dashboard/static/dashboard.css",
+    ):
         assert expected in names
     assert any(name.startswith("langadapt/migrations/versions/") for name in names)
     assert "langadapt/migrations/script.py.mako" in names

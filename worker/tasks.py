@@ -8,8 +8,8 @@ from functools import cache
 
 from celery import Task
 
-from langadapt.jobs import execution
-from langadapt.jobs.queue import REAP, RUN_JOB, dispatch
+from langadapt.jobs import execution, webhooks
+from langadapt.jobs.queue import DELIVER_WEBHOOKS, REAP, RUN_JOB, dispatch
 from langadapt.jobs.runtime import Services, build_services
 from langadapt.worker.app import app, settings
 from langadapt.worker.runner import DATABASE_UNAVAILABLE, job_process
@@ -59,3 +59,9 @@ def reap() -> dict[str, list[str]]:
     if reaped or resent:
         log.warning("reaper: failed %s, re-dispatched %s", reaped, resent)
     return {"reaped": reaped, "redispatched": resent}
+
+
+@app.task(name=DELIVER_WEBHOOKS, ignore_result=True)
+def deliver_webhooks() -> int:
+    """Send the webhook deliveries that are due (first tries and retries whose backoff has passed)."""
+    return webhooks.deliver_due(services().sessions, settings)

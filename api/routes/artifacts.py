@@ -4,15 +4,17 @@ from datetime import timedelta
 
 from fastapi import APIRouter, Request, status
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from sqlalchemy.orm import Session
 
 from langadapt.api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
 from langadapt.api.schemas import ERROR_RESPONSES, ArtifactPublic, ArtifactsPublic, ScorePublic, ScoresPublic
 from langadapt.jobs.errors import Invalid, NotFound
 from langadapt.jobs.execution import artifacts_of
-from langadapt.jobs.models import Artifact
+from langadapt.jobs.models import Artifact, Job
 from langadapt.jobs.results import job_scores
 from langadapt.jobs.service import get_job
-from langadapt.jobs.storage import InvalidKey, content_disposition, validate_key
+from langadapt.jobs.settings import Settings
+from langadapt.jobs.storage import ArtifactStore, InvalidKey, content_disposition, validate_key
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["artifacts"], responses=ERROR_RESPONSES)
 
@@ -41,7 +43,14 @@ def download_artifact(
 ) -> Response:
     """The artifact's bytes: a redirect to a short-lived presigned URL on S3, a streamed file on a local store.
     HEAD answers with its size and sha256 (`ETag`, `X-Content-SHA256`) and no body, on every store."""
-    job = get_job(session, team, job_id)
+    return artifact_response(get_job(session, team, job_id), name, request, session, store, settings)
+
+
+def artifact_response(
+    job: Job, name: str, request: Request, session: Session, store: ArtifactStore, settings: Settings
+) -> Response:
+    """A job's artifact by name: HEAD headers, a presigned redirect (S3) or the streamed file (shared with the
+    dashboard's download links)."""
     _check_name(name, request)
     row = session.get(Artifact, (job.id, name))
     if row is None:

@@ -3,28 +3,49 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from langadapt.api.deps import CurrentTeam, ServicesDep, SessionDep, SettingsDep, StoreDep
 from langadapt.api.routes.pagination import Limit, parse_labels
-from langadapt.api.schemas import ERROR_RESPONSES, ErrorBody, EventPublic, EventsPublic, JobPublic, JobsPublic
+from langadapt.api.schemas import (
+    ERROR_RESPONSES,
+    ErrorBody,
+    EstimatePublic,
+    EventPublic,
+    EventsPublic,
+    JobPublic,
+    JobsPublic,
+    PayoffEstimate,
+    StageEstimate,
+)
 from langadapt.api.streams import EventWatcher, GatedStreamingResponse, StreamGate
 from langadapt.core.adaptation.config import INT64_MAX
 from langadapt.jobs import service
 from langadapt.jobs.errors import Invalid
-from langadapt.jobs.models import JobStatus
+from langadapt.jobs.estimate import estimate_stages
+from langadapt.jobs.models import JobStatus, Team
+from langadapt.jobs.payoff import measure_payoff
 from langadapt.jobs.queue import dispatch
+from langadapt.jobs.settings import Settings
 from langadapt.jobs.spec import JobRequest
+from langadapt.jobs.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
 SSE_KEEPALIVE_S = 15.0
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic | EstimatePublic,
+    responses={200: {"model": EstimatePublic, "description": "dry run: the estimate; nothing was queued"}},
+)
 def create_job(
     body: JobRequest,
     response: Response,
@@ -34,9 +55,14 @@ def create_job(
     settings: SettingsDep,
     services: ServicesDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> JobPublic:
+    dry_run: Annotated[bool, Query(description="validate and estimate only: no job, nothing queued")] = False,
+) -> JobPublic | EstimatePublic:
     """Submit an adaptation job. With an `Idempotency-Key`, a repeated request returns the original job
-    (header `Idempotent-Replayed: true`); the same key with a different body is a 409."""
+    (header `Idempotent-Replayed: true`); the same key with a different body is a 409. With `dry_run=true` the
+    answer (200) is an estimate: tokens, steps and GPU minutes per stage, artifact bytes, vocabulary payoff."""
+    if dry_run:
+        response.status_code = status.HTTP_200_OK
+        return _estimate(session, store, settings, team, body)
     job, created = service.create_job(
         session=session, store=store, settings=settings, team=team, request=body, idempotency_key=idempotency_key
     )
@@ -45,6 +71,23 @@ def create_job(
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return JobPublic.of(job)
+
+
+def _estimate(
+    session: Session, store: ArtifactStore, settings: Settings, team: Team, body: JobRequest
+) -> EstimatePublic:
+    service.validate_request(session=session, store=store, settings=settings, team=team, request=body)
+    payoff = measure_payoff(session, store, settings, body)
+    per_token = payoff.proposed_chars_per_token if payoff is not None else None
+    stages, artifact_bytes = estimate_stages(session, settings, body, chars_per_token=per_token)
+    minutes = [stage.gpu_minutes for stage in stages]
+    return EstimatePublic(
+        request=body.model_dump(mode="json"),
+        stages=[StageEstimate(**asdict(stage)) for stage in stages],
+        gpu_minutes=None if None in minutes else round(sum(m for m in minutes if m is not None), 2),
+        artifact_bytes=artifact_bytes,
+        payoff=PayoffEstimate(**asdict(payoff)) if payoff is not None else None,
+    )
 
 
 @router.get("", response_model=JobsPublic)
