@@ -57,7 +57,13 @@ def seed(url: str, team_name: str, jobs: int, scores: int) -> tuple[str, str]:
     with session_scope(make_sessionmaker(engine)) as session:
         team, key = create_team(session=session, name=team_name)
         corpus = File(
-            id=new_id("file"), team_id=team.id, filename="ru.txt", bytes=1, sha256="0" * 64, documents=1, chars=1,
+            id=new_id("file"),
+            team_id=team.id,
+            filename="ru.txt",
+            bytes=1,
+            sha256="0" * 64,
+            documents=1,
+            chars=1,
             storage_key="none",
         )
         session.add(corpus)

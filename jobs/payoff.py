@@ -42,9 +42,7 @@ class Payoff:
     cached: bool = False
 
 
-def measure_payoff(
-    session: Session, store: ArtifactStore, settings: Settings, request: JobRequest
-) -> Payoff | None:
+def measure_payoff(session: Session, store: ArtifactStore, settings: Settings, request: JobRequest) -> Payoff | None:
     """None when the base model is not on this machine's disk (s3://) or the quick build fails (logged)."""
     source = model_path(settings, request.base_model)
     corpus = session.get(File, request.corpus_file)

@@ -182,8 +182,7 @@ def test_in_a_headless_browser_with_the_network_off(settings, auth, two_jobs, tm
             assert len(driver.find_elements(By.CSS_SELECTOR, "#scatter circle")) == 2
             driver.save_screenshot(str(shots / "results.png"))
             resources = driver.execute_script(
-                "return performance.getEntriesByType('resource').map(e => e.name)"
-                ".concat([document.styleSheets.length])"
+                "return performance.getEntriesByType('resource').map(e => e.name).concat([document.styleSheets.length])"
             )
             assert resources[-1] == 1 and all(str(r).startswith(server.url) for r in resources[:-1])
 
