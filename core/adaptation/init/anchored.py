@@ -28,6 +28,14 @@ MIN_ANCHORS = 20
 QUERY_CHUNK = 1024  # queries a solver handles at once: bounds its [chunk, anchors] similarity matrices
 
 
+def combine(index: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights[:, j] · rows[index[:, j]]: [n, d], one term at a time (never an [n, terms, d] tensor)."""
+    result = torch.zeros(len(index), rows.shape[1], dtype=rows.dtype, device=rows.device)
+    for term in range(index.shape[1]):
+        result += weights[:, term : term + 1] * rows[index[:, term]]
+    return result
+
+
 def anchored_rows(ctx: InitContext, new_ids: torch.Tensor, solve: Solver) -> torch.Tensor:
     if ctx.auxiliary is None:
         raise AdaptationInputError(f"init method '{ctx.config.method}' needs a corpus for its auxiliary space")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from langadapt.core.adaptation.config import InitConfig
-from langadapt.core.adaptation.init.anchored import QUERY_CHUNK, anchored_rows
+from langadapt.core.adaptation.init.anchored import QUERY_CHUNK, anchored_rows, combine
 from langadapt.core.adaptation.init.base import InitContext
 
 
@@ -26,7 +26,7 @@ def focus_solve(queries: torch.Tensor, anchors: torch.Tensor, rows: torch.Tensor
     result = []
     for chunk in F.normalize(queries, dim=1).split(QUERY_CHUNK):
         nearest, index = (chunk @ directions.T).topk(min(config.neighbours, len(anchors)), dim=1)
-        result.append(torch.einsum("nk,nkd->nd", sparsemax(nearest), rows[index]))
+        result.append(combine(index, sparsemax(nearest), rows))
     return torch.cat(result)
 
 

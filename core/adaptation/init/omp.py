@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from langadapt.core.adaptation.config import InitConfig
-from langadapt.core.adaptation.init.anchored import QUERY_CHUNK, anchored_rows
+from langadapt.core.adaptation.init.anchored import QUERY_CHUNK, anchored_rows, combine
 from langadapt.core.adaptation.init.base import InitContext
 
 
@@ -41,7 +41,7 @@ def omp_solve(queries: torch.Tensor, anchors: torch.Tensor, rows: torch.Tensor, 
     result = []
     for chunk in queries.split(QUERY_CHUNK):
         chosen, coefficients = omp_coefficients(chunk, anchors, config.terms)
-        result.append(torch.einsum("nt,ntd->nd", coefficients, rows[chosen]))
+        result.append(combine(chosen, coefficients, rows))
     return torch.cat(result)
 
 
