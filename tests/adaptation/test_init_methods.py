@@ -18,6 +18,7 @@ from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.init import INIT_METHODS, InitContext, auxiliary
 from langadapt.core.adaptation.init.auxiliary import AuxiliarySpace, auxiliary_space, train_auxiliary
 from langadapt.core.adaptation.init.focus import sparsemax
+from langadapt.core.adaptation.init.omp import convex
 from langadapt.core.adaptation.mapping import VocabMapping
 from langadapt.core.adaptation.surgery import change_vocabulary, has_tied_head
 from langadapt.core.adaptation.tokens import TokenKey
@@ -61,12 +62,12 @@ def test_regression_recovers_a_linear_map_between_the_spaces() -> None:
     assert torch.allclose(rows, new @ planted + offset, atol=1e-2)
 
 
-def test_omp_recovers_sparse_affine_combinations_of_anchors() -> None:
+def test_omp_recovers_sparse_convex_combinations_of_anchors() -> None:
     torch.manual_seed(1)
-    anchors, rows = torch.randn(60, 24, dtype=torch.float64), torch.randn(60, 16, dtype=torch.float64)
+    anchors, rows = torch.randn(60, 96, dtype=torch.float64), torch.randn(60, 16, dtype=torch.float64)
     picks = torch.stack([torch.randperm(60)[:3] for _ in range(10)])
-    weights = torch.rand(10, 3, dtype=torch.float64) * 1.2 - 0.2
-    weights[:, 2] = 1 - weights[:, :2].sum(dim=1)  # any signs, summing to one
+    weights = torch.rand(10, 3, dtype=torch.float64) + 0.1
+    weights = weights / weights.sum(dim=1, keepdim=True)  # convex combinations
     new = torch.einsum("nt,ntk->nk", weights, anchors[picks])
     ctx, new_ids = planted_context("omp", anchors, rows, new, terms=4)  # greedy: one spare term absorbs a miss
     expected = torch.einsum("nt,ntd->nd", weights, rows[picks])
@@ -83,6 +84,11 @@ def test_focus_weights_the_anchors_a_token_resembles() -> None:
     assert torch.allclose(result[1], (rows[7] + rows[9]) / 2)  # two equally similar anchors
     assert torch.allclose(result[2], rows[1], atol=0.05)  # sparsemax: anchors 1 % as similar get ~1 % weight
     assert torch.allclose(sparsemax(torch.tensor([[0.9, 0.8, -2.0]])), torch.tensor([[0.55, 0.45, 0.0]]))
+
+
+def test_omp_transplants_a_convex_combination() -> None:
+    weights = convex(torch.tensor([[1.8, -0.9, 0.1], [-1.0, -2.0, -0.5]]))
+    assert torch.allclose(weights, torch.tensor([[1.8 / 1.9, 0.0, 0.1 / 1.9], [1 / 3, 1 / 3, 1 / 3]]))
 
 
 def test_mean_weight_and_norm_cap_bound_the_new_rows() -> None:

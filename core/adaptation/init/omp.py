@@ -1,9 +1,9 @@
 """`omp` (as mergekit's tokensurgeon, Goddard & Neto 2025): orthogonal matching pursuit rebuilds a new token's
 auxiliary vector from `terms` anchor vectors; the same coefficients combine the anchors' model rows.
 
-The coefficients are kept close to summing to one (an affine combination) by a constant coordinate appended to
-every vector, as in locally linear embedding: raw coefficients carry the auxiliary space's scale, and transplanted
-unconstrained they throw rows far outside the model's embedding cloud."""
+The pursuit keeps the coefficients close to summing to one (an affine combination) by a constant coordinate
+appended to every vector, as in locally linear embedding (raw coefficients carry the auxiliary space's scale); the
+transplanted combination is made convex (`convex`)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def omp_coefficients(queries: torch.Tensor, anchors: torch.Tensor, terms: int) -
     return chosen, coefficients
 
 
+def convex(coefficients: torch.Tensor) -> torch.Tensor:
+    """Negative coefficients dropped, the rest scaled to sum to one (all dropped: equal weights). What cancels out
+    in the auxiliary space does not cancel in the model's space: transplanted as they are, differences of anchors
+    put new rows far outside the embedding cloud (measured: worse than mean by 93 % of its excess)."""
+    kept = coefficients.clamp_min(0)
+    total = kept.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, kept / total.clamp_min(1e-12), torch.full_like(kept, 1 / kept.shape[1]))
+
+
 AFFINE_WEIGHT = 10.0  # the appended coordinate, in units of the mean anchor norm
 
 
@@ -41,7 +50,7 @@ def omp_solve(queries: torch.Tensor, anchors: torch.Tensor, rows: torch.Tensor, 
     result = []
     for chunk in queries.split(QUERY_CHUNK):
         chosen, coefficients = omp_coefficients(chunk, anchors, config.terms)
-        result.append(combine(chosen, coefficients, rows))
+        result.append(combine(chosen, convex(coefficients), rows))
     return torch.cat(result)
 
 
