@@ -208,7 +208,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     init.add_argument("--aux-chars", type=int, help="corpus characters the auxiliary space reads (default 20 M)")
     init.add_argument("--neighbours", type=int, help="focus: nearest anchors (default 50)")
     init.add_argument("--terms", type=int, help="omp: anchors per token (default 8)")
-    init.add_argument("--mean-weight", type=float, help="share of the mean init blended in (default 0)")
+    init.add_argument("--mean-weight", type=float, help="share of the mean init blended in (default 0.5)")
     init.add_argument("--head-norm", choices=["cap", "none"], help="cap new rows at their mean row's norm (default)")
     init.add_argument("--cache-dir", help="cached auxiliary spaces (default: the user cache folder)")
     init.add_argument("--out", required=True)

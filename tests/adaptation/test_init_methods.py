@@ -39,7 +39,7 @@ def planted_context(
     vectors = torch.cat([anchor_vectors, new_vectors]).numpy().astype(np.float64)
     space = AuxiliarySpace(vectors=vectors, counts=np.full(m + n, 100))
     keys = [TokenKey("text", b"ab")] * m + [TokenKey("text", b"abcd")] * n
-    config = InitConfig(method=method, head_norm="none", **options)  # type: ignore[arg-type]
+    config = InitConfig(method=method, **{"head_norm": "none", "mean_weight": 0.0, **options})  # type: ignore[arg-type]
     ctx = InitContext(
         old_rows=anchor_rows,
         mapping=mapping,
