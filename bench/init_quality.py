@@ -1,10 +1,14 @@
-"""Does mean initialisation keep a real model intact? SmolLM2-135M-Instruct after `extended` + `mean` / `random`.
+"""How well does each init method start the new tokens? SmolLM2-135M-Instruct after `extended` + every init.
 
 Held-out Russian (taiga) and English (EWT) bits per character of the original model and of the surgered models,
-with no training at all: mean init should stay close to the original, random init should not. One JSON line per
-model with the ratio against the original measured in the same process.
+with no training at all, and the share of the predicted probability that goes to new tokens on English text (a new
+token should not take probability in source-language contexts). One JSON line per model with the ratio against the
+original measured in the same process, and per method the share of mean's Russian excess over the original it
+removes (`ru_excess_cut_vs_mean`: 1 - (method - original) / (mean - original)).
 
-    python bench/init_quality.py [--new-tokens 16000] [--train-chars 10000000] [--eval-chars 30000]
+    python bench/init_quality.py [--new-tokens 16000] [--train-chars 10000000] [--aux-chars 20000000]
+        [--eval-chars 30000] [--priorities new-first,target-first]
+        [--inits '["mean", "random", "focus", "omp", {"method": "regression", "mean_weight": 0.5}]']
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 import time
 
-from langadapt.core.adaptation.config import InitConfig, VocabConfig
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from langadapt.core.adaptation.config import AUXILIARY_METHODS, AuxiliaryConfig, InitConfig, VocabConfig
 from langadapt.core.adaptation.corpus import iter_documents
 from langadapt.core.adaptation.evaluate.bits_per_char import bits_per_char
 from langadapt.core.adaptation.sources import load_model
@@ -23,6 +31,25 @@ from langadapt.core.adaptation.vocab import build_vocab
 from langadapt.core.adaptation.vocab.common import chars_per_token
 
 DATA = "../shared/data"
+SHOWN_AS_IS = ("method", "auxiliary", "cache_dir")
+
+
+@torch.inference_mode()
+def new_token_share(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], new_ids: list[int], window: int = 512
+) -> float:
+    """Mean over predicted positions of the probability the model gives to the tokens in `new_ids`."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    fresh = torch.tensor(new_ids, dtype=torch.long)
+    total, positions = 0.0, 0
+    for text in texts:
+        ids = [start, *tokenizer.encode(text, add_special_tokens=False)]
+        for first in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[first : first + window]])
+            probs = model(input_ids=chunk).logits[0].float().softmax(dim=-1)
+            total += float(probs[:, fresh].sum())
+            positions += chunk.shape[1]
+    return total / positions
 
 
 def main() -> None:
@@ -30,13 +57,23 @@ def main() -> None:
     parser.add_argument("--data", default=DATA)
     parser.add_argument("--new-tokens", type=int, default=16_000)
     parser.add_argument("--train-chars", type=int, default=10_000_000)
+    parser.add_argument("--aux-chars", type=int, default=20_000_000, help="corpus characters of the auxiliary space")
     parser.add_argument("--eval-chars", type=int, default=30_000)
+    parser.add_argument("--priorities", default="new-first,target-first")
+    parser.add_argument(
+        "--inits",
+        default='["mean", "random", "focus", "omp", "regression"]',
+        help="JSON list: method names or InitConfig objects (mean first: the others are compared with it)",
+    )
+    parser.add_argument("--cache-dir", default=None, help="auxiliary spaces (default: a temporary folder)")
     args = parser.parse_args()
     ru = list(iter_documents(f"{args.data}/ru/taiga_devtest.jsonl", limit_chars=args.eval_chars))
     en = list(iter_documents(f"{args.data}/en/ewt.jsonl.xz", limit_chars=args.eval_chars))
+    corpus, heldout = f"{args.data}/ru/ruslit.jsonl.xz", f"{args.data}/ru/taiga_devtest.jsonl"
     model, tokenizer = load_model("smollm2-135m-instruct")
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="init-quality-aux-")
 
-    def score(name: str, candidate, candidate_tokenizer, seconds: float, baseline=None) -> dict:
+    def score(name: str, candidate, candidate_tokenizer, seconds: float, baseline=None, new_ids=None) -> dict:
         row = {
             "bench": "init_quality",
             "model": "SmolLM2-135M-Instruct",
@@ -50,11 +87,13 @@ def main() -> None:
             row[f"{lang}_chars_per_token"] = round(chars_per_token(candidate_tokenizer, texts), 3)
             if baseline:
                 row[f"{lang}_ratio_vs_original"] = round(result.bits_per_char / baseline[f"{lang}_bits_per_char"], 3)
+        if new_ids:
+            row["en_new_token_probability"] = round(new_token_share(candidate, candidate_tokenizer, en, new_ids), 4)
         print(json.dumps(row), flush=True)
         return row
 
     original = score("original", model, tokenizer, 0.0)
-    for priority in ("new-first", "old-first"):
+    for priority in args.priorities.split(","):
         started = time.perf_counter()
         config = VocabConfig(
             method="extended",
@@ -62,15 +101,27 @@ def main() -> None:
             train_chars=args.train_chars,
             priority=priority,  # type: ignore[arg-type]
         )
-        corpus, heldout = f"{args.data}/ru/ruslit.jsonl.xz", f"{args.data}/ru/taiga_devtest.jsonl"
         new_tokenizer = build_vocab(tokenizer, corpus, config, heldout=heldout).tokenizer
         vocab_seconds = time.perf_counter() - started
-        for init in ("mean", "random"):
+        mean_ru = None
+        for init in json.loads(args.inits):
+            fields = {"method": init} if isinstance(init, str) else init
+            if fields["method"] in AUXILIARY_METHODS:
+                fields = {"auxiliary": AuxiliaryConfig(train_chars=args.aux_chars), "cache_dir": cache_dir, **fields}
+            init_config = InitConfig(**fields)
+            name = "+".join([init_config.method, *(f"{k}={v}" for k, v in fields.items() if k not in SHOWN_AS_IS)])
             candidate = copy.deepcopy(model)
             started = time.perf_counter()
-            change_vocabulary(candidate, tokenizer, new_tokenizer, InitConfig(method=init))  # type: ignore[arg-type]
-            seconds = vocab_seconds + time.perf_counter() - started
-            score(f"extended({priority})+{init}", candidate, new_tokenizer, seconds, original)
+            mapping = change_vocabulary(candidate, tokenizer, new_tokenizer, init_config, corpus=corpus)
+            seconds = time.perf_counter() - started
+            row = score(f"extended({priority})+{name}", candidate, new_tokenizer, seconds, original, mapping.new_ids)
+            row_ru = row["ru_bits_per_char"]
+            if init_config.method == "mean":
+                mean_ru = row_ru
+            elif mean_ru is not None:
+                cut = 1 - (row_ru - original["ru_bits_per_char"]) / (mean_ru - original["ru_bits_per_char"])
+                print(json.dumps({"variant": row["variant"], "ru_excess_cut_vs_mean": round(cut, 3)}), flush=True)
+        print(json.dumps({"priority": priority, "vocab_seconds": round(vocab_seconds, 1)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,16 @@ vocabulary trained on Russian literature, `mean` init, one fixed CPT budget (`em
     vocab.priority      new-first | target-first
     calibration         none | self+copy   (the original model's own answers plus the copy task)
 
-(init: `mean`, the one method so far). Runs share every stage they have in common (the tokenizer and init per
-priority, CPT per priority x rows x mix, the calibration set once), so the grid costs 8 CPT runs, not 16. Every
+and over the init methods given by `--inits` (default: `mean` alone; e.g. `--inits mean,focus,omp,regression`).
+Runs share every stage they have in common (the tokenizer per priority, the init per priority x init, CPT per
+priority x init x rows x mix, the calibration set once; the auxiliary spaces of focus / omp / regression are cached
+once per tokenizer), so the grid costs 8 CPT runs per init, not 16. Every
 model is scored once with the project's own evaluation on held-out text: Russian literature held out of every
 training stage, and English web text held out of the replay corpus.
 
     python bench/quality_study.py --tiny     # CPU, minutes, tiny budgets (the test suite runs it)
     python bench/quality_study.py            # the full grid on one GPU (sized for about 9 minutes on an H200)
+    python bench/quality_study.py --tiny --inits mean,regression   # an init axis on top
 
 Prints one JSON line per grid run and per model, then a table. Metrics: target / source chars per token
 (`symbols_per_token`), target / source bits per char, copy_ru / copy_en F1, ruWorldTree accuracy, generation
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from langadapt.core.adaptation.config import AUXILIARY_METHODS
 from langadapt.core.adaptation.corpus import iter_documents
 from langadapt.core.adaptation.device import compute_device, inference_dtype
 from langadapt.core.adaptation.evaluate import EvalData, evaluate
@@ -118,10 +122,12 @@ def split(source: Path, heldout_chars: int, rest_chars: int, out: Path, name: st
     return write_texts(out / f"{name}.heldout.jsonl", heldout), write_texts(out / f"{name}.train.jsonl", rest)
 
 
-def grid_specs(model: str, data: dict[str, str], size: Size) -> list[tuple[dict[str, Any], AdaptationSpec]]:
+def grid_specs(
+    model: str, data: dict[str, str], size: Size, inits: tuple[str, ...] = ("mean",), aux_cache: str | None = None
+) -> list[tuple[dict[str, Any], AdaptationSpec]]:
     runs = []
-    for values in itertools.product(*GRID.values()):
-        point = dict(zip(GRID, values, strict=True))
+    for init, *values in itertools.product(inits, *GRID.values()):
+        point = {"init": init, **dict(zip(GRID, values, strict=True))}
         cpt = {**size.cpt, "train_rows": point["train_rows"]}
         if point["source_mix"]:
             cpt.update(source_mix=point["source_mix"], source_corpus=data["en_train"])
@@ -137,12 +143,12 @@ def grid_specs(model: str, data: dict[str, str], size: Size) -> list[tuple[dict[
                 "train_chars": size.vocab_chars,
                 "priority": point["priority"],
             },
-            init={"method": "mean"},
+            init={"method": init, "cache_dir": aux_cache if init in AUXILIARY_METHODS else None},
             cpt=cpt,
             calibration=calibration,
             evaluation={"tasks": ["symbols_per_token"], "limit": 1, "heldout_chars": 1000},
         )
-        runs.append(({"init": "mean", **point}, spec))
+        runs.append((point, spec))
     return runs
 
 
@@ -158,12 +164,14 @@ def stage_key(stage: str, point: dict[str, Any]) -> tuple[Any, ...]:
     return (stage, *(point[name] for name in depends))
 
 
-def run_grid(model: str, data: dict[str, str], size: Size, out: Path) -> list[dict[str, Any]]:
+def run_grid(
+    model: str, data: dict[str, str], size: Size, out: Path, inits: tuple[str, ...] = ("mean",)
+) -> list[dict[str, Any]]:
     """Run every grid point's pipeline (shared stages linked, not re-run); returns per run its point, the models
     it produced and the time of each stage."""
     done: dict[tuple[Any, ...], str] = {}
     runs = []
-    for point, spec in grid_specs(model, data, size):
+    for point, spec in grid_specs(model, data, size, inits, str(out / "aux-cache")):
         run_dir = out / "runs" / "-".join(str(v) for v in point.values())
         run_dir.mkdir(parents=True, exist_ok=True)
         for stage in stages(spec):
@@ -224,6 +232,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--data", type=Path, default=SHARED, help="the shared data folder")
     parser.add_argument("--out", type=Path, default=Path("runs/quality-study"))
+    parser.add_argument("--inits", default="mean", help="comma-separated init methods: the grid's init axis")
     args = parser.parse_args()
     size = TINY if args.tiny else FULL
     started = time.perf_counter()
@@ -238,7 +247,8 @@ def main() -> None:
     original = str(args.out / "original")
     save_pretrained(*load_model(args.model), original)  # de-quantized once: every stage then loads plain weights
 
-    runs = run_grid(original, data, size, args.out)
+    inits = tuple(args.inits.split(","))
+    runs = run_grid(original, data, size, args.out, inits)
     eval_data = EvalData(
         target_texts=tuple(iter_documents(ru_heldout)),
         source_texts=tuple(iter_documents(en_heldout)),
@@ -249,7 +259,7 @@ def main() -> None:
     rows = [("original", baseline)]
     for run in runs:
         metrics = score(run["model"], eval_data, size)
-        label = " ".join(f"{k}={v}" for k, v in run["point"].items() if k != "init")
+        label = " ".join(f"{k}={v}" for k, v in run["point"].items() if k != "init" or len(inits) > 1)
         rows.append((label, metrics))
         print(json.dumps({**run, "metrics": metrics}), flush=True)
     print(table(rows), flush=True)

@@ -11,7 +11,10 @@ import os
 import sys
 from typing import Any, get_args
 
+import platformdirs
+
 from langadapt.core.adaptation.config import (
+    AUXILIARY_METHODS,
     DEFAULT_EVAL_TASKS,
     VARIANTS,
     EvaluationConfig,
@@ -23,6 +26,7 @@ from langadapt.core.adaptation.config import (
 )
 from langadapt.core.adaptation.corpus import require_documents
 from langadapt.core.adaptation.device import compute_device, inference_dtype
+from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.evaluate import EvalData, evaluate
 from langadapt.core.adaptation.events import Event, Message, Progress, StageDone, StageSkipped, StageStarted
 from langadapt.core.adaptation.fsutil import atomic_output_dir
@@ -67,10 +71,31 @@ def vocab_build(args: argparse.Namespace) -> None:
 
 
 def embed_init(args: argparse.Namespace) -> None:
+    auxiliary = {
+        "dim": args.aux_dim,
+        "epochs": args.aux_epochs,
+        "window": args.aux_window,
+        "train_chars": args.aux_chars,
+    }
+    given = {
+        "neighbours": args.neighbours,
+        "terms": args.terms,
+        "mean_weight": args.mean_weight,
+        "head_norm": args.head_norm,
+        "auxiliary": {name: value for name, value in auxiliary.items() if value is not None} or None,
+    }
+    config = InitConfig(
+        method=args.init,
+        seed=args.seed,
+        cache_dir=args.cache_dir or os.path.join(platformdirs.user_cache_dir("langadapt"), "auxiliary"),
+        **{name: value for name, value in given.items() if value is not None},
+    )
+    if config.method in AUXILIARY_METHODS and args.corpus is None:
+        raise AdaptationInputError(f"--init {config.method} needs --corpus (target-language text)")
     model, old_tokenizer = load_model(args.model)
     new_tokenizer = load_tokenizer(args.tokenizer)
     with atomic_output_dir(args.out) as tmp:
-        mapping = change_vocabulary(model, old_tokenizer, new_tokenizer, InitConfig(method=args.init, seed=args.seed))
+        mapping = change_vocabulary(model, old_tokenizer, new_tokenizer, config, corpus=args.corpus)
         save_pretrained(model, new_tokenizer, tmp)
     _emit(
         {
@@ -176,6 +201,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     init.add_argument("--tokenizer", required=True, help="the new tokenizer (e.g. a `vocab build` output)")
     init.add_argument("--init", required=True, choices=sorted(INIT_METHODS))
     init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--corpus", help="target-language text (.txt / .jsonl[.xz|.gz]): focus, omp, regression")
+    init.add_argument("--aux-dim", type=int, help="auxiliary vector size (default 100)")
+    init.add_argument("--aux-epochs", type=int, help="auxiliary training epochs (default 3)")
+    init.add_argument("--aux-window", type=int, help="auxiliary context window (default 5)")
+    init.add_argument("--aux-chars", type=int, help="corpus characters the auxiliary space reads (default 20 M)")
+    init.add_argument("--neighbours", type=int, help="focus: nearest anchors (default 50)")
+    init.add_argument("--terms", type=int, help="omp: anchors per token (default 8)")
+    init.add_argument("--mean-weight", type=float, help="share of the mean init blended in (default 0.5)")
+    init.add_argument("--head-norm", choices=["cap", "none"], help="cap new rows at their mean row's norm (default)")
+    init.add_argument("--cache-dir", help="cached auxiliary spaces (default: the user cache folder)")
     init.add_argument("--out", required=True)
     init.set_defaults(handler=embed_init)
 

@@ -28,6 +28,8 @@ class JobRequest(JobSettings):
     def _server_side_paths(self) -> JobRequest:
         if self.evaluation.mera_dir is not None:
             raise ValueError("evaluation.mera_dir is set by the server (LANGADAPT_MERA_DIR), not by a job")
+        if self.init.cache_dir is not None:
+            raise ValueError("init.cache_dir is set by the server (the job's run directory), not by a job")
         return self
 
     def file_ids(self) -> dict[str, str]:

@@ -152,6 +152,15 @@ def test_full_cli_flow(capsys, tmp_path, tiny_dirs, ru_corpus) -> None:
             ["embed", "init", "--model", "{mismatched}", "--tokenizer", "{base}", "--init", "mean", "--out", "{out}"],
             "does not match",
         ),
+        (
+            ["embed", "init", "--model", "{base}", "--tokenizer", "{base}", "--init", "focus", "--out", "{out}"],
+            "needs --corpus",
+        ),
+        (
+            ["embed", "init", "--model", "{base}", "--tokenizer", "{base}", "--init", "omp", "--corpus", "{empty}"]
+            + ["--neighbours", "5", "--out", "{out}"],
+            "init.neighbours only applies",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, tiny_dirs, argv, message) -> None:

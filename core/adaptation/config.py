@@ -20,7 +20,9 @@ from langadapt.core.adaptation.task_names import AVERAGED_TASKS, MICRO_AVG, TASK
 VocabMethod = Literal["bpe", "unigram", "extended", "optimized"]
 Priority = Literal["new-first", "old-first", "target-first"]
 KeepBy = Literal["frequency", "first-ids"]
-InitMethod = Literal["mean", "random"]
+InitMethod = Literal["mean", "random", "focus", "omp", "regression"]
+HeadNorm = Literal["cap", "none"]
+AUXILIARY_METHODS: tuple[InitMethod, ...] = ("focus", "omp", "regression")
 CPTTrainable = Literal["embeddings", "embeddings+head", "lora+head", "full"]
 TrainRows = Literal["all", "new"]
 Strategy = Literal["ddp", "fsdp2"]  # how a CPT over several processes shares the model (one process: ignored)
@@ -129,11 +131,70 @@ class VocabConfig(Config):
         return self
 
 
+class AuxiliaryConfig(Config):
+    """Static token vectors (fastText CBOW with subword n-grams, gensim) trained on the target corpus tokenized with
+    the new tokenizer: the space focus / omp / regression compare tokens in. Cached per corpus, tokenizer and these
+    settings."""
+
+    dim: int = Field(100, ge=2, le=1024, description="vector size")
+    epochs: int = Field(3, ge=1, le=100)
+    window: int = Field(5, ge=1, le=100, description="context window in tokens")
+    min_count: int = Field(
+        5, ge=1, le=1_000_000, description="tokens seen fewer times have no trained vector (n-grams only)"
+    )
+    train_chars: int | None = Field(20_000_000, ge=1, le=INT64_MAX, description="corpus characters read (null: all)")
+
+
 class InitConfig(Config):
     """How the rows of new tokens start (overlapping tokens always copy their rows)."""
 
-    method: InitMethod = Field("mean", description="mean: the mean of the token's old pieces (the paper); random")
+    method: InitMethod = Field(
+        "mean",
+        description="mean: the mean of the token's old pieces (the paper); random; focus: a sparsemax-weighted "
+        "combination of anchor rows by similarity in the auxiliary space (Dobler & de Melo 2023); omp: the anchors "
+        "orthogonal matching pursuit picks to rebuild the token's auxiliary vector, coefficients transplanted "
+        "(tokensurgeon); regression: a ridge map from the auxiliary space to the model's rows (SALT-style)",
+    )
     seed: Seed = 0
+    auxiliary: AuxiliaryConfig = Field(
+        default_factory=AuxiliaryConfig, description="focus / omp / regression: the auxiliary space"
+    )
+    neighbours: int = Field(50, ge=1, le=10_000, description="focus: nearest anchors the sparsemax runs over")
+    terms: int = Field(8, ge=1, le=1_000, description="omp: anchors per token")
+    grow_anchors: bool = Field(
+        True,
+        description="focus / omp / regression: new tokens are initialised shortest first and, once initialised, "
+        "serve as anchors of longer ones (otherwise only overlapping tokens are anchors)",
+    )
+    mean_weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="focus / omp / regression: share of the mean init averaged into each new row (0.5: measured "
+        "better than either alone, bench/init_quality.py)",
+    )
+    head_norm: HeadNorm = Field(
+        "cap",
+        description="focus / omp / regression: cap: no new row is longer than its mean-init row (new tokens take "
+        "no more probability in source-language contexts than their averaged pieces would); none",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="folder of cached auxiliary spaces (default: the run directory's init.aux/; the CLI: the "
+        "user cache folder)",
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_the_method(self) -> InitConfig:
+        if self.method not in AUXILIARY_METHODS:
+            own = {"seed", "cache_dir"}
+            extra = [name for name in self.changed_fields() if name not in own and name != "method"]
+            if extra:
+                raise SpecConflict(extra[0], f"init.{extra[0]} does not apply to init.method '{self.method}'")
+        for name, method in (("neighbours", "focus"), ("terms", "omp")):
+            if name in self.changed_fields() and self.method != method:
+                raise SpecConflict(name, f"init.{name} only applies to init.method '{method}'")
+        return self
 
 
 class LRScale(Config):

@@ -45,6 +45,7 @@ from langadapt.core.adaptation.events import (
 from langadapt.core.adaptation.manifest import is_complete, read_manifest, write_manifest
 from langadapt.core.adaptation.propagate import propagate_saved
 from langadapt.core.adaptation.rundir import (
+    AUXILIARY_CACHE,
     CALIBRATION_CACHE,
     CPT_WORK,
     LORA_ADAPTER,
@@ -120,7 +121,10 @@ def _init_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     model, tokenizer = load_model(ctx.spec.base_model)
     new_tokenizer = load_tokenizer(ctx.path("tokenizer"))
     meter(1, phase="initialise new rows")
-    mapping = change_vocabulary(model, tokenizer, new_tokenizer, ctx.spec.init)
+    config = ctx.spec.init
+    if config.cache_dir is None:
+        config = config.model_copy(update={"cache_dir": ctx.path(AUXILIARY_CACHE)})
+    mapping = change_vocabulary(model, tokenizer, new_tokenizer, config, corpus=ctx.spec.corpus)
     meter(2, phase="save")
     save_pretrained(model, new_tokenizer, out)
     with open(os.path.join(out, NEW_TOKENS), "w", encoding="utf-8") as handle:

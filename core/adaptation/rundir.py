@@ -4,6 +4,7 @@ loading training code.
     <run_dir>/<stage dir>/              a complete stage: its files, stage.json, manifest.json
     <run_dir>/<stage dir>.partial/      a stage being written (renamed into place when complete)
     <run_dir>/cpt.work/                 CPT's working directory until the cpt stage completes (`TrainingDir`)
+    <run_dir>/init.aux/                 cached auxiliary spaces of focus / omp / regression (kept across retries)
     <run_dir>/calibration.cache.jsonl   the instruct model's cached calibration answers
 """
 
@@ -17,6 +18,7 @@ STAGE_INFO = "stage.json"
 LORA_ADAPTER = "lora_adapter"  # inside the cpt stage: the layers' delta of `lora+head`, merged into I by LEP
 NEW_TOKENS = "new_token_ids.json"  # inside the init stage: ids of the tokens the source vocabulary lacks
 CPT_WORK = "cpt.work"
+AUXILIARY_CACHE = "init.aux"
 CALIBRATION_CACHE = "calibration.cache.jsonl"
 
 _CHECKPOINT = re.compile(r"step-(\d{8})")

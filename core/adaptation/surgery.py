@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from langadapt.core.adaptation.config import InitConfig
+from langadapt.core.adaptation.config import AUXILIARY_METHODS, InitConfig
 from langadapt.core.adaptation.device import compute_device
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.init import InitContext, get_init
+from langadapt.core.adaptation.init.auxiliary import AuxiliarySpace, auxiliary_space
 from langadapt.core.adaptation.mapping import VocabMapping
 from langadapt.core.adaptation.tokens import Vocabulary
 from langadapt.core.adaptation.weights import input_rows, output_rows
@@ -33,10 +34,16 @@ def has_tied_head(model: PreTrainedModel) -> bool:
 
 
 def new_vocab_rows(
-    old_rows: torch.Tensor, mapping: VocabMapping, old: Vocabulary, new: Vocabulary, init: str, seed: int
+    old_rows: torch.Tensor,
+    mapping: VocabMapping,
+    old: Vocabulary,
+    new: Vocabulary,
+    config: InitConfig,
+    seed: int,
+    auxiliary: AuxiliarySpace | None = None,
 ) -> torch.Tensor:
     """rows: [V_new, d] in old_rows' dtype and on their device. Overlapping tokens copy their old row exactly; the
-    others come from the `init` method."""
+    others come from the `config.method`."""
     old_rows = old_rows[: mapping.old_size]
     device = old_rows.device
     result = torch.empty(mapping.new_size, old_rows.shape[1], dtype=torch.float64, device=device)
@@ -45,8 +52,16 @@ def new_vocab_rows(
     fresh = torch.tensor(mapping.new_ids, dtype=torch.long, device=device)
     if len(fresh):
         generator = torch.Generator().manual_seed(seed)
-        ctx = InitContext(old_rows=old_rows, mapping=mapping, old_vocab=old, new_vocab=new, generator=generator)
-        result[fresh] = get_init(init)(ctx, fresh)
+        ctx = InitContext(
+            old_rows=old_rows,
+            mapping=mapping,
+            old_vocab=old,
+            new_vocab=new,
+            generator=generator,
+            config=config,
+            auxiliary=auxiliary,
+        )
+        result[fresh] = get_init(config.method)(ctx, fresh)
     out = result.to(old_rows.dtype)
     out[new_idx] = old_rows[old_idx]  # bit-exact copies, independent of the float64 round trip
     return out
@@ -90,21 +105,28 @@ def change_vocabulary(
     old_tokenizer: PreTrainedTokenizerBase,
     new_tokenizer: PreTrainedTokenizerBase,
     config: InitConfig,
+    corpus: str | None = None,
 ) -> VocabMapping:
     """Switch `model` (in place) from `old_tokenizer`'s vocabulary to `new_tokenizer`'s; returns the mapping.
 
+    `corpus`: target-language text, read by the methods that train an auxiliary space (focus, omp, regression).
     No forward pass is needed, so the model may stay on the CPU; the row arithmetic runs on `compute_device()`.
     """
     check_tokenizer_matches(model, old_tokenizer)
     old, new = Vocabulary(old_tokenizer), Vocabulary(new_tokenizer)
     mapping = VocabMapping.build(old, new)
+    auxiliary = None
+    if config.method in AUXILIARY_METHODS and mapping.new_ids:
+        if corpus is None:
+            raise AdaptationInputError(f"init method '{config.method}' needs a target-language corpus")
+        auxiliary = auxiliary_space(new_tokenizer, corpus, config.auxiliary, config.seed, config.cache_dir)
     tied = has_tied_head(model)
     device = compute_device()
 
     def rows(matrix: torch.Tensor | None, seed: int) -> torch.Tensor:
         assert matrix is not None
         old_rows = matrix.detach().to(device)
-        return new_vocab_rows(old_rows, mapping, old, new, config.method, seed).to(matrix.device)
+        return new_vocab_rows(old_rows, mapping, old, new, config, seed, auxiliary).to(matrix.device)
 
     embeddings = rows(input_rows(model), config.seed)
     head = None if tied else rows(output_rows(model), config.seed + 1)

@@ -289,3 +289,17 @@ def test_calibration_needs_a_chat_template(tmp_path, models, ru_corpus, tiny_mod
     with pytest.raises(AdaptationInputError, match="no chat template"):
         run_pipeline(spec, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "tokenizer").exists()  # refused before any stage ran
+
+
+def test_an_auxiliary_init_caches_its_space_in_the_run_directory(tmp_path, models, ru_corpus) -> None:
+    init = {"method": "regression", "auxiliary": {"dim": 16, "epochs": 1, "train_chars": 150_000}}
+    spec = _spec(
+        models, ru_corpus, instruct=False, init=init, evaluation={"tasks": ["symbols_per_token"], "heldout_chars": 2000}
+    )
+    run_pipeline(spec, str(tmp_path / "run"))
+    cached = list((tmp_path / "run" / "init.aux").glob("auxiliary-*.npz"))
+    assert len(cached) == 1
+    shutil.rmtree(tmp_path / "run" / "init")  # a retry of the init stage reads the cached space
+    before = cached[0].stat().st_mtime_ns
+    run_pipeline(spec, str(tmp_path / "run"))
+    assert cached[0].stat().st_mtime_ns == before and is_complete(str(tmp_path / "run" / "init"))

@@ -101,4 +101,4 @@ def test_mismatched_tokenizer_and_unknown_init_are_refused(tiny_model, english_b
     with pytest.raises(AdaptationInputError, match="does not match"):
         change_vocabulary(small, english_byte_level_tokenizer, extended, InitConfig())
     with pytest.raises(ValidationError, match="method"):
-        InitConfig(method="focus")
+        InitConfig(method="salt")  # type: ignore[arg-type]
