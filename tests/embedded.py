@@ -68,7 +68,8 @@ class EmbeddedService:
 
     def admin(self, *args: str) -> dict:
         """`langadapt admin ...` on this service's data folder; its JSON answer."""
-        done = subprocess.run([LANGADAPT, "admin", *args], env=self.env, capture_output=True, text=True, check=True)
+        done = subprocess.run([LANGADAPT, "admin", *args], env=self.env, capture_output=True, text=True)
+        assert done.returncode == 0, f"langadapt admin {' '.join(args)}: {done.stderr}"
         return json.loads(done.stdout)
 
     def new_key(self, team: str) -> str:
