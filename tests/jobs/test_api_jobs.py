@@ -77,7 +77,7 @@ def test_idempotency_key_replays_or_conflicts(client, auth, body) -> None:
         ({"evaluation": {"mera_dir": "/etc"}}, "invalid_request", "body"),
         ({"init": {"cache_dir": "/etc"}}, "invalid_request", "body"),
         ({"init": {"method": "omp", "neighbours": 5}}, "invalid_request", "init.neighbours"),
-        ({"init": {"method": "mean", "mean_weight": 0.5}}, "invalid_request", "init.mean_weight"),
+        ({"init": {"method": "mean", "mean_weight": 0.75}}, "invalid_request", "init.mean_weight"),
         ({"surprise": 1}, "invalid_request", "surprise"),
         ({"corpus_file": "file_doesnotexist"}, "file_not_found", "corpus_file"),
         ({"eval_file": "file_doesnotexist"}, "file_not_found", "eval_file"),
