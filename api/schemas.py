@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from langadapt.core.adaptation.train.plan import TrainingPlan
+
 if TYPE_CHECKING:  # only the `of` constructors use the rows: the client imports these schemas without SQLAlchemy
     from langadapt.jobs.models import Artifact, File, Job, JobEvent, Score
 
@@ -71,6 +73,7 @@ class JobPublic(BaseModel):
     progress: Progress
     attempt: int
     request: dict[str, Any]
+    plan: TrainingPlan | None  # how CPT runs (GPUs, DDP / FSDP2, micro-batch, memory per GPU); None: not planned
     labels: dict[str, str]
     error: JobErrorPublic | None
     created_at: datetime
@@ -95,6 +98,7 @@ class JobPublic(BaseModel):
             progress=Progress(step=job.progress_step, total_steps=job.progress_total, eta_s=job.eta_s),
             attempt=job.attempt,
             request=job.request,
+            plan=None if job.plan is None else TrainingPlan.model_validate(job.plan),
             labels={label.key: label.value for label in job.labels},
             error=error,
             created_at=job.created_at,

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from langadapt.jobs.queue import GPU, MAINTENANCE, ROLES
+from langadapt.jobs.queue import GPU, GPU_COUNTS, MAINTENANCE, ROLES, gpu_role
 from langadapt.jobs.settings import Settings
 
 
@@ -158,9 +158,16 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def worker(args: argparse.Namespace) -> None:
     settings = Settings()
     roles = [role.strip() for role in args.queues.split(",") if role.strip()]
+    if args.gpus is not None:  # --gpus K: the queue of K-GPU jobs instead of the one-GPU queue
+        roles = [gpu_role(args.gpus) if role == GPU else role for role in roles]
     unknown = sorted(set(roles) - set(ROLES))
     if unknown or not roles:
         raise SystemExit(f"langadapt: error: unknown queue(s) {unknown} (choose from {', '.join(ROLES)})")
+    if args.devices is not None:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+        if args.gpus is not None and len(devices) != args.gpus:
+            raise SystemExit(f"langadapt: error: --devices lists {len(devices)} GPU(s), --gpus says {args.gpus}")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)  # this worker's slice of the machine's GPUs
     os.execv(sys.executable, worker_command([settings.queue(role) for role in roles], beat=args.beat))
 
 
@@ -258,6 +265,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     work = commands.add_parser("worker", help="run a Celery worker (gpu queue by default)")
     work.add_argument("--queues", default=GPU, help=f"comma-separated roles: {', '.join(ROLES)}")
+    work.add_argument(
+        "--gpus", type=int, choices=GPU_COUNTS, help="GPUs this worker owns: it takes the jobs asking for that many"
+    )
+    work.add_argument("--devices", help="the GPUs it owns, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")
     work.add_argument("--beat", action="store_true", help="also run the periodic reaper schedule")
     work.set_defaults(handler=worker)
 

@@ -209,8 +209,8 @@ def worker_gone(session: Session, name: str) -> None:
     session.commit()
 
 
-def live_workers(session: Session, queue: str, within_s: float) -> list[WorkerBeat]:
-    """The workers consuming `queue` that have beaten within the last `within_s` seconds."""
+def live_workers(session: Session, queues: list[str], within_s: float) -> list[WorkerBeat]:
+    """The workers consuming any of `queues` that have beaten within the last `within_s` seconds."""
     cutoff = utcnow() - timedelta(seconds=within_s)
     rows = session.scalars(select(WorkerBeat).where(WorkerBeat.heartbeat_at >= cutoff))
-    return [row for row in rows if queue in row.queues.split(",")]
+    return [row for row in rows if set(queues).intersection(row.queues.split(","))]

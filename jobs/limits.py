@@ -1,5 +1,5 @@
-"""Server-side upper bounds on what one job may ask for: vocabulary sizes, sequence lengths, batch sizes, the CPT
-token budget, and the sequence length against the model's positions where the model's config is on disk.
+"""Server-side upper bounds on what one job may ask for: vocabulary sizes, sequence lengths, batch sizes and the CPT
+token budget (the sequence length against the model's positions is the training plan's check: `planning.py`).
 
 The spec itself only checks that values make sense (positive, finite, consistent); how much a job may consume is
 the deployment's choice (`LANGADAPT_MAX_*` settings). Each violation is a 422 `limit_exceeded` naming the field.
@@ -7,8 +7,6 @@ the deployment's choice (`LANGADAPT_MAX_*` settings). Each violation is a 422 `l
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,7 +42,7 @@ BOUNDS: tuple[Bound, ...] = (
     Bound(
         "cpt.steps",
         "max_train_tokens",
-        lambda r: r.cpt.steps * r.cpt.tokens_per_step(),
+        lambda r: r.cpt.steps * r.cpt.tokens_per_step(r.resources.gpus),
         "steps x batch_size x grad_accum x seq_len",
     ),
     Bound("cpt.lora_r", "max_lora_r", lambda r: r.cpt.lora_r),
@@ -83,30 +81,3 @@ def check_limits(request: JobRequest, settings: Settings) -> None:
                 code="limit_exceeded",
                 param=bound.param,
             )
-
-
-def check_positions(request: JobRequest, *, base_dir: str | None) -> None:
-    """CPT's sequence length against the base model's position embeddings, when its config.json is on disk (an HF
-    folder); other models (a .gguf file, s3://) are checked by the stage when it loads them. (SFT's max_len only
-    caps examples, which are mostly shorter: it is not held against the model.)"""
-    positions = max_positions(base_dir) if base_dir else None
-    if positions is not None and request.cpt.seq_len > positions:
-        raise Invalid(
-            f"cpt.seq_len ({request.cpt.seq_len}) exceeds the base model's {positions} positions",
-            code="limit_exceeded",
-            param="cpt.seq_len",
-        )
-
-
-def max_positions(model_dir: str) -> int | None:
-    """`max_position_embeddings` (or GPT-2's `n_positions`) from a Hugging Face folder's config.json."""
-    try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    for section in (config, config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "n_positions"):
-            if isinstance(section.get(key), int):
-                return section[key]
-    return None

@@ -117,6 +117,7 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued, index=True)
     stage: Mapped[str | None] = mapped_column(String(64))
     request: Mapped[dict[str, Any]] = mapped_column(JSON)  # the validated POST body, as submitted
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the training plan at submit (jobs/planning.py)
     base_model: Mapped[str] = mapped_column(String(500))
     instruct_model: Mapped[str | None] = mapped_column(String(500))
     vocab_method: Mapped[str] = mapped_column(String(32))

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from sqlalchemy.orm import Session
 
 from langadapt.core.adaptation.corpus import iter_documents
-from langadapt.jobs.estimate import model_path
+from langadapt.jobs.catalogue import local_location
 from langadapt.jobs.files import fetch_file
 from langadapt.jobs.models import File
 from langadapt.jobs.settings import Settings
@@ -44,7 +44,7 @@ class Payoff:
 
 def measure_payoff(session: Session, store: ArtifactStore, settings: Settings, request: JobRequest) -> Payoff | None:
     """None when the base model is not on this machine's disk (s3://) or the quick build fails (logged)."""
-    source = model_path(settings, request.base_model)
+    source = local_location(request.base_model, settings)
     corpus = session.get(File, request.corpus_file)
     if source is None or corpus is None:
         return None

@@ -21,7 +21,17 @@ REAP = "langadapt.reap"
 DELIVER_WEBHOOKS = "langadapt.deliver_webhooks"
 GPU = "gpu"  # queue roles; the queue names are `settings.queue(role)`
 MAINTENANCE = "maintenance"
-ROLES = (GPU, MAINTENANCE)
+GPU_COUNTS = (1, 2, 4, 8)
+
+
+def gpu_role(gpus: int) -> str:
+    """The queue role of jobs that need `gpus` GPUs (`resources.gpus`): `gpu` for one, `gpu.K` for K; a worker
+    started with `--gpus K` consumes exactly that queue."""
+    return GPU if gpus == 1 else f"{GPU}.{gpus}"
+
+
+GPU_ROLES = tuple(gpu_role(k) for k in GPU_COUNTS)
+ROLES = (*GPU_ROLES, MAINTENANCE)
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +73,13 @@ def _transport_options(settings: Settings) -> dict[str, int | str]:
     return {}  # the embedded SQLite broker passes its options to create_engine
 
 
-def dispatch(session: Session, app: Celery, job_id: str) -> bool:
-    """Send "run job X"; on success mark the job dispatched. A job the broker did not take stays undispatched and
-    the reaper sends it again, so a broker outage delays jobs but never loses them."""
+def dispatch(session: Session, app: Celery, job_id: str, settings: Settings) -> bool:
+    """Send "run job X" to the queue of the GPUs it needs; on success mark the job dispatched. A job the broker did
+    not take stays undispatched and the reaper sends it again, so a broker outage delays jobs but never loses them."""
+    job = session.get(Job, job_id)
+    gpus = int(((job.request if job is not None else {}).get("resources") or {}).get("gpus", 1))
     try:
-        app.send_task(RUN_JOB, args=[job_id])  # routed to the gpu queue by `task_routes`
+        app.send_task(RUN_JOB, args=[job_id], queue=settings.queue(gpu_role(gpus)))
     except Exception as exc:  # kombu raises many types for an unreachable broker
         log.warning("could not dispatch %s: %s", job_id, exc)
         return False

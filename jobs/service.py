@@ -17,12 +17,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from langadapt.core.adaptation.task_names import MERA_TASKS
+from langadapt.core.adaptation.train.plan import TrainingPlan
 from langadapt.jobs import webhooks
-from langadapt.jobs.catalogue import check_model_reference, local_location
+from langadapt.jobs.catalogue import check_model_reference
 from langadapt.jobs.errors import Conflict, Invalid, NotFound
-from langadapt.jobs.limits import check_limits, check_positions
+from langadapt.jobs.limits import check_limits
 from langadapt.jobs.models import RETRYABLE, File, Job, JobEvent, JobLabel, JobStatus, Team, utcnow
 from langadapt.jobs.pages import page
+from langadapt.jobs.planning import plan_job
 from langadapt.jobs.settings import Settings
 from langadapt.jobs.spec import JobRequest
 from langadapt.jobs.storage import ArtifactStore
@@ -65,11 +67,15 @@ def create_job(
         existing = _by_idempotency_key(session, team, idempotency_key)
         if existing is not None:
             return _replay(existing, fingerprint), False
-    validate_request(session=session, store=store, settings=settings, team=team, request=request)
+    plan = validate_request(session=session, store=store, settings=settings, team=team, request=request)
+    if request.resources.strategy is None and request.resources.gpus > 1:  # written out, as other derived defaults
+        strategy = plan.strategy if plan is not None and plan.strategy != "single" else "fsdp2"
+        request = request.model_copy(update={"resources": request.resources.model_copy(update={"strategy": strategy})})
     job = Job(
         team_id=team.id,
         status=JobStatus.queued,
         request=request.model_dump(mode="json"),
+        plan=None if plan is None else plan.model_dump(mode="json"),
         base_model=request.base_model,
         instruct_model=request.instruct_model,
         vocab_method=request.vocab.method,
@@ -110,9 +116,10 @@ def _replay(job: Job, fingerprint: str) -> Job:
 
 def validate_request(
     *, session: Session, store: ArtifactStore, settings: Settings, team: Team, request: JobRequest
-) -> None:
-    """What a submission needs beyond its schema: this server's limits, the team's files, allowed models, the
-    base model's positions, configured task data."""
+) -> TrainingPlan | None:
+    """What a submission needs beyond its schema: this server's limits, the team's files, allowed models,
+    configured task data, and a training plan that fits this deployment's GPUs (returned; None when the base
+    model's shape cannot be read here)."""
     check_limits(request, settings)
     for field, file_id in request.file_ids().items():
         row = session.get(File, file_id)
@@ -121,13 +128,13 @@ def validate_request(
     for field, ref in (("base_model", request.base_model), ("instruct_model", request.instruct_model)):
         if ref is not None:
             check_model_reference(ref, param=field, team_id=team.id, settings=settings, store=store)
-    check_positions(request, base_dir=local_location(request.base_model, settings))
     if MERA_TASKS.intersection(request.evaluation.tasks) and not settings.mera_dir:
         raise Invalid(
             "this server has no MERA data configured (LANGADAPT_MERA_DIR)",
             code="task_unavailable",
             param="evaluation.tasks",
         )
+    return plan_job(request, settings)
 
 
 def list_jobs(

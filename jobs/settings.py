@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     max_generation_tokens: int = Field(8192, gt=0, description="calibration.max_new_tokens")
     max_eval_items: int = Field(100_000, gt=0, description="evaluation.limit")
 
+    # What the GPU workers of this deployment own: jobs are planned against it at submit (jobs/planning.py).
+    max_gpus: int = Field(8, ge=1, le=8, description="resources.gpus a job may ask for (workers run --gpus K)")
+    gpu_memory_gib: float = Field(80.0, gt=0, description="memory of one GPU of the workers, for the training plan")
+
     max_header_bytes: int = Field(65_536, gt=0, description="request headers, all together (431 beyond)")
     api_db_slots: int = Field(
         32, gt=0, description="requests using the database at once per API process (below the pool and threads)"

@@ -54,7 +54,9 @@ def reap() -> dict[str, list[str]]:
     with current.sessions() as session:
         reaped = execution.reap_stale(session, settings.heartbeat_timeout_s)
         resent = [
-            job_id for job_id in execution.undispatched(session, UNDISPATCHED_GRACE_S) if dispatch(session, app, job_id)
+            job_id
+            for job_id in execution.undispatched(session, UNDISPATCHED_GRACE_S)
+            if dispatch(session, app, job_id, settings)
         ]
     if reaped or resent:
         log.warning("reaper: failed %s, re-dispatched %s", reaped, resent)

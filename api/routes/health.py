@@ -13,7 +13,7 @@ from langadapt.api.deps import ServicesDep
 from langadapt.api.errors import error_response
 from langadapt.api.schemas import ErrorBody
 from langadapt.jobs.execution import live_workers
-from langadapt.jobs.queue import GPU
+from langadapt.jobs.queue import GPU_ROLES
 
 router = APIRouter(tags=["health"])
 
@@ -48,7 +48,8 @@ def readyz(services: ServicesDep) -> JSONResponse:
     settings = services.settings
     try:
         with services.sessions() as session:
-            alive = live_workers(session, settings.queue(GPU), 3 * settings.worker_beat_interval_s)
+            gpu_queues = [settings.queue(role) for role in GPU_ROLES]
+            alive = live_workers(session, gpu_queues, 3 * settings.worker_beat_interval_s)
         checks["gpu_worker"] = "ok" if alive else "no GPU worker alive"
     except Exception as exc:
         checks["gpu_worker"] = f"unavailable: {type(exc).__name__}"

@@ -67,7 +67,7 @@ def create_job(
         session=session, store=store, settings=settings, team=team, request=body, idempotency_key=idempotency_key
     )
     if created:
-        dispatch(session, services.celery, job.id)
+        dispatch(session, services.celery, job.id, services.settings)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return JobPublic.of(job)
@@ -118,7 +118,7 @@ def cancel_job(job_id: str, team: CurrentTeam, session: SessionDep) -> JobPublic
 def retry_job(job_id: str, team: CurrentTeam, session: SessionDep, services: ServicesDep) -> JobPublic:
     """Re-queue a failed or cancelled job; it resumes from its last completed stage / checkpoint."""
     job = service.retry_job(session, team, job_id)
-    dispatch(session, services.celery, job.id)
+    dispatch(session, services.celery, job.id, services.settings)
     return JobPublic.of(job)
 
 

@@ -418,6 +418,23 @@ class CalibrationConfig(Config):
         return self
 
 
+class ResourcesConfig(Config):
+    """What a job runs on: CPT on `gpus` GPUs of one node (`torchrun`, `train/launch.py`); the other stages use one."""
+
+    gpus: Literal[1, 2, 4, 8] = Field(1, description="GPUs of one node for CPT: 1, 2, 4 or 8")
+    nodes: int = Field(1, ge=1, description="machines; only 1 for now")
+    strategy: Strategy | None = Field(
+        None, description="ddp | fsdp2 with several GPUs; default: what the plan at submit chooses (fsdp2 unplanned)"
+    )
+
+    @field_validator("nodes")
+    @classmethod
+    def _one_node(cls, nodes: int) -> int:
+        if nodes != 1:
+            raise ValueError("several nodes are not supported yet: a job runs on up to 8 GPUs of one node")
+        return nodes
+
+
 class EvaluationConfig(Config):
     """Which evaluation tasks run on the original and every adapted model, and on how much data."""
 

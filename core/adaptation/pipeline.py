@@ -57,7 +57,7 @@ from langadapt.core.adaptation.sources import load_model, load_tokenizer, resolv
 from langadapt.core.adaptation.spec import AdaptationSpec
 from langadapt.core.adaptation.surgery import change_vocabulary
 from langadapt.core.adaptation.task_names import MERA_TASKS
-from langadapt.core.adaptation.train.cpt import run_cpt
+from langadapt.core.adaptation.train.launch import CPTLaunch, launch_cpt
 from langadapt.core.adaptation.train.sft import run_sft
 from langadapt.core.adaptation.vocab import build_vocab
 
@@ -135,22 +135,23 @@ def _init_stage(ctx: RunContext, out: str) -> dict[str, Any]:
 
 def _cpt_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     """Continued pretraining of the initialised model; its step checkpoints live in `cpt.work/` across runs."""
-    model, tokenizer = load_model(ctx.path("init"))
     with open(os.path.join(ctx.path("init"), NEW_TOKENS), encoding="utf-8") as handle:
         new_rows = json.load(handle)
     work = ctx.path(CPT_WORK)
     meter = ctx.meter("cpt", ctx.spec.cpt.steps, "steps", interval_s=0)  # the loop reports every log_every steps
-    result = run_cpt(
-        model,
-        tokenizer,
-        ctx.spec.corpus,
-        ctx.spec.cpt,
-        work,
+    resources = ctx.spec.resources
+    request = CPTLaunch(
+        model=ctx.path("init"),
+        tokenizer=ctx.path("init"),
+        corpus=ctx.spec.corpus,
+        config=ctx.spec.cpt,
+        out_dir=work,
         new_rows=new_rows,
         resume=True,
-        progress=_steps_to(meter),
-        should_cancel=ctx.should_cancel,
+        strategy=resources.strategy or "fsdp2",
     )
+    # One GPU: in this process; several: `torchrun` ranks in their own process session.
+    result = launch_cpt(request, nproc=resources.gpus, progress=_steps_to(meter), should_cancel=ctx.should_cancel)
     if result.cancelled:
         raise StageCancelled(f"cpt cancelled at step {result.steps}")
     assert result.model_dir is not None

@@ -20,6 +20,7 @@ from langadapt.core.adaptation.config import (
     EvaluationConfig,
     InitConfig,
     PropagationConfig,
+    ResourcesConfig,
     SpecConflict,
     Variant,
     VocabConfig,
@@ -44,6 +45,7 @@ class JobSettings(Config):
     )
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     labels: dict[str, str] = Field(default_factory=dict)
 
     source_heldout_field: ClassVar[str]  # the subclass's name for held-out source-language text

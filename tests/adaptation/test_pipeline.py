@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from langadapt.cli.main import main
 from langadapt.core.adaptation import pipeline
@@ -303,3 +304,23 @@ def test_an_auxiliary_init_caches_its_space_in_the_run_directory(tmp_path, model
     before = cached[0].stat().st_mtime_ns
     run_pipeline(spec, str(tmp_path / "run"))
     assert cached[0].stat().st_mtime_ns == before and is_complete(str(tmp_path / "run" / "init"))
+
+
+@pytest.mark.slow
+def test_cpt_on_two_processes_gives_the_one_process_model(tmp_path, models, ru_corpus) -> None:
+    """resources.gpus 2: the pipeline runs CPT under torchrun (2 gloo processes here, DDP) at the same global batch
+    as one process, and the adapted model is the same."""
+    cpt = {"steps": 4, "seq_len": 64, "batch_size": 1, "global_batch": 4, "warmup_steps": 1, "checkpoint_every": 2}
+    evaluation = {"tasks": ["symbols_per_token"], "heldout_chars": 2000}
+    reports = {}
+    for gpus in (1, 2):
+        resources = {"gpus": gpus, "strategy": "ddp"}
+        spec = _spec(models, ru_corpus, instruct=False, cpt=cpt, evaluation=evaluation, resources=resources)
+        reports[gpus] = run_pipeline(spec, str(tmp_path / f"run{gpus}"))
+    cpt_stage = {gpus: next(s for s in report.stages if s["stage"] == "cpt") for gpus, report in reports.items()}
+    assert cpt_stage[1]["steps"] == cpt_stage[2]["steps"] == 4
+    one = load_file(str(tmp_path / "run1" / "cpt" / "model.safetensors"))
+    two = load_file(str(tmp_path / "run2" / "cpt" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import redis
+from fastapi.testclient import TestClient
 
+from langadapt.api.app import create_app
 from tests.jobs.conftest import new_team_key
 
 TEXT = "Мороз и солнце; день чудесный!\nЕщё ты дремлешь, друг прелестный.\n"
@@ -117,6 +120,14 @@ def test_idempotency_key_replays_or_conflicts(client, auth, body) -> None:
         ({"evaluation": {"tasks": ["copy_ru"] * 100_000}}, "invalid_request", "evaluation.tasks"),
         ({"evaluation": {"limit": 10**9}}, "limit_exceeded", "evaluation.limit"),
         ({"init": {"seed": -1}}, "invalid_request", "init.seed"),
+        # resources: GPUs of one node, a global batch the GPUs share evenly
+        ({"resources": {"gpus": 3}}, "invalid_request", "resources.gpus"),
+        ({"resources": {"nodes": 2}}, "invalid_request", "resources.nodes"),
+        (
+            {"resources": {"gpus": 4}, "cpt": {"steps": 4, "seq_len": 32, "batch_size": 2, "global_batch": 6}},
+            "invalid_global_batch",
+            "cpt.global_batch",
+        ),
         ({"cpt": {"seed": 2**32}}, "invalid_request", "cpt.seed"),
         ({"cpt": {"lr": 1e308}}, "invalid_request", "cpt.lr"),
         ({"cpt": {"checkpoint_every": 2**64}}, "invalid_request", "cpt.checkpoint_every"),
@@ -247,3 +258,37 @@ def test_an_instruct_model_adapted_directly_can_be_calibrated(client, auth, body
     assert request["cpt"]["train_rows"] == "new"  # written out: the extended vocabulary keeps the old rows
     replacing = {**direct, "vocab": {"method": "bpe", "vocab_size": 900}}
     assert client.post("/v1/jobs", headers=auth, json=replacing).json()["request"]["cpt"]["train_rows"] == "all"
+
+
+def test_a_job_is_planned_at_submit_and_queued_for_its_gpus(client, auth, body, settings) -> None:
+    body = {**body, "resources": {"gpus": 2}, "cpt": {"steps": 4, "seq_len": 32, "batch_size": 2, "global_batch": 8}}
+    job = client.post("/v1/jobs", headers=auth, json=body).json()
+    plan = job["plan"]
+    assert (plan["gpus"], plan["strategy"], plan["global_batch"]) == (2, "ddp", 8)  # a tiny model: DDP fits
+    assert plan["micro_batch"] * plan["grad_accum"] * 2 == 8 and plan["memory_per_gpu"]["optimizer"] > 0
+    assert job["request"]["resources"] == {"gpus": 2, "nodes": 1, "strategy": "ddp"}  # the plan's, written out
+    broker = redis.Redis.from_url(settings.broker)
+    queued = {role: broker.llen(settings.queue_prefix + settings.queue(role)) for role in ("gpu", "gpu.2")}
+    assert queued == {"gpu": 0, "gpu.2": 1}
+    one_gpu = client.post("/v1/jobs", headers=auth, json={**body, "resources": {"gpus": 1}}).json()
+    assert one_gpu["plan"]["strategy"] == "single" and one_gpu["request"]["resources"]["strategy"] is None
+    assert broker.llen(settings.queue_prefix + settings.queue("gpu")) == 1
+
+
+@pytest.mark.parametrize(
+    ("limits", "resources", "code"),
+    [
+        ({"max_gpus": 1}, {"gpus": 2}, "limit_exceeded"),  # this deployment's workers own one GPU each
+        ({"gpu_memory_gib": 0.01}, {"gpus": 8}, "plan_does_not_fit"),  # nothing fits in 10 MiB
+    ],
+)
+def test_plans_beyond_the_deployments_gpus_are_refused(make_settings, model_root, limits, resources, code) -> None:
+    settings = make_settings(**limits)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        auth = {"Authorization": f"Bearer {new_team_key(settings)}"}
+        corpus = client.post("/v1/files", headers=auth, files={"file": ("c.txt", TEXT.encode())}).json()["id"]
+        body = {"base_model": str(model_root / "base"), "corpus_file": corpus, "resources": resources}
+        body["cpt"] = {"steps": 4, "seq_len": 32, "batch_size": 1, "global_batch": 8}
+        response = client.post("/v1/jobs", headers=auth, json=body)
+    assert response.status_code == 422, response.text
+    assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (code, "resources.gpus")

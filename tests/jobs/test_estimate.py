@@ -9,6 +9,7 @@ import uuid
 import redis
 from sqlalchemy import func, select
 
+from langadapt.core.adaptation.train.plan import ModelShape
 from langadapt.jobs import execution
 from langadapt.jobs.db import make_engine, make_sessionmaker, session_scope
 from langadapt.jobs.models import Job, JobStatus
@@ -46,8 +47,8 @@ def test_dry_run_estimates_without_a_job_or_a_message(client, auth, files, model
     assert cpt["gpu_minutes"] == round(cpt["tokens"] / cpt["tokens_per_s"] / 60, 2)
     assert estimate["gpu_minutes"] == round(sum(s["gpu_minutes"] for s in estimate["stages"]), 2)
     config = json.loads((model_root / "instruct" / "config.json").read_text())
-    hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
-    params = (vocab + 300) * hidden + layers * (4 * hidden**2 + 3 * hidden * config["intermediate_size"])
+    vocab = config["vocab_size"]
+    params = ModelShape.from_hf_config(config).with_vocab(vocab + 300).parameters  # counts: tests/adaptation/test_plan
     assert estimate["artifact_bytes"] == 2 * params * 4 + (vocab + 300) * 64  # init + cpt models, the tokenizer
 
     payoff = estimate["payoff"]  # an English byte-level tokenizer against Russian text: the new tokens pay

@@ -33,11 +33,11 @@ Strategy = Literal["single", "ddp", "fsdp2"]
 
 
 class PlanError(ValueError):
-    """A plan that cannot run; `field` names the job setting to change."""
+    """A plan that cannot run; `field` names the job setting to change, `code` says why (the API's error code)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, code: str = "plan_does_not_fit") -> None:
         super().__init__(message)
-        self.field = field
+        self.field, self.code = field, code
 
 
 class ModelShape(BaseModel):
@@ -73,7 +73,9 @@ class ModelShape(BaseModel):
                 max_positions=text.get("max_position_embeddings"),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError("base_model", f"the model's config lacks the transformer shape ({exc})") from exc
+            raise PlanError(
+                "base_model", f"the model's config lacks the transformer shape ({exc})", "invalid_model"
+            ) from exc
 
     def with_vocab(self, vocab_size: int) -> ModelShape:
         return self.model_copy(update={"vocab_size": vocab_size})
@@ -163,9 +165,15 @@ def plan_cpt(shape: ModelShape, cpt: CPTConfig, *, gpus: int, gpu_memory_gib: fl
     """The plan for CPT of `shape` (the adapted vocabulary's size) on `gpus` GPUs of `gpu_memory_gib` each, with
     `global_batch` sequences per step; `PlanError` when the global batch does not divide or nothing fits."""
     if global_batch % gpus:
-        raise PlanError("cpt.global_batch", f"global batch {global_batch} does not divide by {gpus} GPUs")
+        raise PlanError(
+            "cpt.global_batch", f"global batch {global_batch} does not divide by {gpus} GPUs", "invalid_global_batch"
+        )
     if shape.max_positions is not None and cpt.seq_len > shape.max_positions:
-        raise PlanError("cpt.seq_len", f"seq_len {cpt.seq_len} exceeds the model's {shape.max_positions} positions")
+        raise PlanError(
+            "cpt.seq_len",
+            f"cpt.seq_len ({cpt.seq_len}) exceeds the base model's {shape.max_positions} positions",
+            "limit_exceeded",
+        )
     per_rank = global_batch // gpus
     budget = HEADROOM * gpu_memory_gib * GIB
     strategies: list[Strategy] = ["single"] if gpus == 1 else ["ddp", "fsdp2"]
