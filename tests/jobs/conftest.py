@@ -234,8 +234,10 @@ def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
 
 
-def wait_for(client: TestClient, headers: dict, job_id: str, predicate, timeout: float = 300) -> dict:
-    """Poll GET /v1/jobs/{id} until `predicate(job)`; fails with the job's last state on timeout."""
+def wait_for(client: TestClient, headers: dict, job_id: str, predicate, timeout: float = 900) -> dict:
+    """Poll GET /v1/jobs/{id} until `predicate(job)`; fails with the job's last state on timeout. The default
+    leaves room for the jobs' hundreds of CPU training steps on a loaded machine (two suites at once train
+    several times slower); a wait returns as soon as the job gets there."""
     deadline = time.monotonic() + timeout
     while True:
         job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
