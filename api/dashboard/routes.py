@@ -173,7 +173,7 @@ def retry(
 ) -> Response:
     check_csrf(signed, csrf)
     job = service.retry_job(session, signed.team, job_id)
-    dispatch(session, services.celery, job.id)
+    dispatch(session, services.celery, job.id, services.settings)
     return RedirectResponse(f"/dashboard/jobs/{job_id}", status_code=303)
 
 

@@ -116,6 +116,18 @@ def test_pages_show_the_teams_jobs_and_forms_need_the_csrf_token(client, auth, s
     assert "<h3>bits_per_char · target</h3>" in results
 
 
+def test_retry_from_the_job_page_queues_the_job_again(client, auth, files, model_root) -> None:
+    job = client.post("/v1/jobs", headers=auth, json=job_body(model_root, files, instruct_model=None)).json()["id"]
+    assert client.post(f"/v1/jobs/{job}/cancel", headers=auth).json()["status"] == "cancelled"  # queued: at once
+    sign_in(client, auth["Authorization"].removeprefix("Bearer "))
+    page = client.get(f"/dashboard/jobs/{job}").text
+    assert 'id="retry"' in page
+    done = client.post(f"/dashboard/jobs/{job}/retry", data={"csrf": csrf_of(page)}, follow_redirects=False)
+    assert done.status_code == 303
+    again = client.get(f"/v1/jobs/{job}", headers=auth).json()
+    assert (again["status"], again["attempt"]) == ("queued", 2)
+
+
 def test_another_teams_session_sees_none_of_its_jobs(client, auth, settings, two_jobs) -> None:
     sign_in(client, new_team_key(settings))
     page = client.get("/dashboard").text
