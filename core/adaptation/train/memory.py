@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.train.plan import HEADROOM  # the share of a GPU the submit-time plan counts on
 
-HEADROOM = 0.85  # of the device's memory: the allocator's fragmentation and the checkpoint copies need the rest
 
 
 @dataclass(frozen=True)
