@@ -18,7 +18,6 @@ from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.train.plan import HEADROOM  # the share of a GPU the submit-time plan counts on
 
 
-
 @dataclass(frozen=True)
 class MicroBatchPlan:
     micro_batch: int  # sequences per forward / backward pass (per process)
