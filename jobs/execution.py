@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from langadapt.jobs import webhooks
@@ -185,11 +185,18 @@ def reap_stale(session: Session, timeout_s: float) -> list[str]:
 
 
 def undispatched(session: Session, older_than_s: float) -> list[str]:
-    """Queued jobs the broker never took (it was down at submit or retry time)."""
-    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    """Queued jobs to send (again): the broker never took them (it was down at submit or retry time), or they were
+    held back until `not_before`, which has passed."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=older_than_s)
     return list(
         session.scalars(
-            select(Job.id).where(Job.status == JobStatus.queued, Job.dispatched_at.is_(None), Job.updated_at < cutoff)
+            select(Job.id).where(
+                Job.status == JobStatus.queued,
+                Job.dispatched_at.is_(None),
+                or_(Job.not_before.is_(None), Job.not_before <= now),
+                or_(Job.not_before.is_not(None), Job.updated_at < cutoff),
+            )
         )
     )
 

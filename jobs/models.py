@@ -130,6 +130,8 @@ class Job(Base):
 
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # set once the broker took the task
+    # A queued job is not sent to a worker before this (a retry's backoff, a team over its running-jobs quota).
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())
     worker: Mapped[str | None] = mapped_column(String(255))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -132,6 +132,16 @@ def test_undispatched_jobs_are_found_after_a_grace_period(sessions, job_id) -> N
         assert execution.undispatched(session, 30) == []
 
 
+def test_a_held_back_job_is_sent_once_its_time_has_come(sessions, job_id) -> None:
+    with sessions() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(not_before=utcnow() + timedelta(seconds=60)))
+        session.commit()
+        assert execution.undispatched(session, 30) == []
+        session.execute(update(Job).where(Job.id == job_id).values(not_before=utcnow() - timedelta(seconds=1)))
+        session.commit()
+        assert execution.undispatched(session, 30) == [job_id]  # due at once, no grace period
+
+
 def test_progress_and_scores(sessions, job_id) -> None:
     with sessions() as session:
         execution.set_progress(session, job_id, step=5, total=10, eta_s=12.5)
