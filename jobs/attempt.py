@@ -84,6 +84,7 @@ def run_attempt(
     checkpoint_kept = status == JobStatus.succeeded or artifacts.save_checkpoint(run_dir)
     if error is not None:
         events.message(f"failed: {error.message}", level="error", stage=error.stage)
+    events.flush(FINISH_RETRY_S)  # what the attempt reported lands before its outcome
     recorded = _finish(sessions, job.id, worker, status, error)
     if checkpoint_kept:  # completed stages and the checkpoint are in storage, where a retry restores them from
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -7,7 +7,7 @@ Each function is one short transaction, so the job row is always current for pol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
@@ -60,17 +60,40 @@ def add_event(
     level: str = "info",
     data: dict[str, Any] | None = None,
 ) -> None:
-    session.add(JobEvent(job_id=job_id, type=type, message=message, stage=stage, level=level, data=data))
+    """Append an event to the job's log and commit."""
+    append_event(session, job_id, type=type, message=message, stage=stage, level=level, data=data)
     session.commit()
 
 
+def append_event(
+    session: Session,
+    job_id: str,
+    *,
+    type: str,
+    message: str = "",
+    stage: str | None = None,
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+    ts: datetime | None = None,
+) -> None:
+    """Append an event in the caller's transaction. The job row is locked first, so one job's events commit in the
+    order of their ids: a reader paging with `after` (event streams) never passes an id whose event, taken by a
+    concurrent writer, is still uncommitted. (SQLite serialises writers anyway.)"""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+    row = JobEvent(job_id=job_id, type=type, message=message, stage=stage, level=level, data=data)
+    if ts is not None:
+        row.ts = ts
+    session.add(row)
+    session.flush()
+
+
 def set_stage(session: Session, job_id: str, stage: str) -> None:
+    """The stage now running (in the caller's transaction)."""
     session.execute(
         update(Job)
         .where(Job.id == job_id)
         .values(stage=stage, progress_step=None, progress_total=None, eta_s=None, updated_at=utcnow())
     )
-    session.commit()
 
 
 def set_progress(
@@ -82,19 +105,18 @@ def set_progress(
     eta_s: float | None,
     cpt_tokens_per_s: float | None = None,
 ) -> None:
+    """The running stage's progress (in the caller's transaction)."""
     values: dict[str, Any] = {"progress_step": step, "progress_total": total, "eta_s": eta_s}
     if cpt_tokens_per_s is not None:
         values["cpt_tokens_per_s"] = cpt_tokens_per_s
     session.execute(update(Job).where(Job.id == job_id).values(**values))
-    session.commit()
 
 
 def record_stage_seconds(session: Session, job_id: str, stage: str, seconds: float) -> None:
-    """A completed stage's duration on the job row (metrics read them from there); one writer per job."""
+    """A completed stage's duration on the job row (in the caller's transaction; metrics read them from there)."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is not None:
         job.stage_seconds = {**(job.stage_seconds or {}), stage: seconds}
-        session.commit()
 
 
 def record_artifacts(session: Session, job_id: str, entries: list[Artifact]) -> None:

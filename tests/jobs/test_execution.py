@@ -92,6 +92,7 @@ def test_reaper_fails_jobs_whose_worker_went_silent(sessions, job_id) -> None:
     with sessions() as session:
         execution.claim_job(session, job_id, "w1")
         execution.set_stage(session, job_id, "cpt")
+        session.commit()
     _age_heartbeat(sessions, job_id, 30)
     with sessions() as session:
         assert execution.reap_stale(session, 60) == []  # still fresh enough
