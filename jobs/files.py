@@ -18,7 +18,7 @@ from langadapt.core.adaptation.corpus import corpus_stats
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.jobs import quotas
 from langadapt.jobs.errors import Invalid, TooLarge, Unavailable
-from langadapt.jobs.layout import file_key
+from langadapt.jobs.layout import file_key, file_prefix
 from langadapt.jobs.models import File, Team, new_id
 from langadapt.jobs.settings import Settings
 from langadapt.jobs.storage import ArtifactStore, StorageError
@@ -87,7 +87,7 @@ def record_upload(session: Session, *, store: ArtifactStore, settings: Settings,
         session.commit()
     except BaseException:
         session.rollback()
-        store.delete_prefix(row.storage_key)
+        store.delete_prefix(file_prefix(row.team_id, row.id))
         raise
     return row
 
