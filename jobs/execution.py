@@ -207,18 +207,20 @@ def reap_stale(session: Session, timeout_s: float) -> list[str]:
 
 
 def undispatched(session: Session, older_than_s: float) -> list[str]:
-    """Queued jobs to send (again): the broker never took them (it was down at submit or retry time), or they were
-    held back until `not_before`, which has passed."""
+    """Queued jobs to send (again), oldest first: the broker never took them (it was down at submit or retry time),
+    or they were held back until `not_before`, which has passed."""
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_s)
     return list(
         session.scalars(
-            select(Job.id).where(
+            select(Job.id)
+            .where(
                 Job.status == JobStatus.queued,
                 Job.dispatched_at.is_(None),
                 or_(Job.not_before.is_(None), Job.not_before <= now),
                 or_(Job.not_before.is_not(None), Job.updated_at < cutoff),
             )
+            .order_by(Job.id)
         )
     )
 

@@ -74,7 +74,8 @@ def jobs_in(session: Session, team_id: str, statuses: tuple[JobStatus, ...]) -> 
 def stored_bytes(session: Session, team_id: str) -> int:
     """The team's uploads plus its jobs' artifacts."""
     uploads = session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.team_id == team_id))
-    # The artifacts' logical size; bytes actually stored are smaller for delta-stored model stages (issue 15.4).
+    # Artifact.size for now: the logical size. Delta-stored model stages (issue 15.4) store fewer bytes; their
+    # `Artifact.stored_bytes` is what this sum should take.
     artifacts = session.scalar(
         select(func.coalesce(func.sum(Artifact.size), 0))
         .join(Job, Job.id == Artifact.job_id)
@@ -119,6 +120,25 @@ def running_limit_reached(session: Session, settings: Settings, team_id: str) ->
     """The team's running-jobs limit when it runs that many jobs already, else None (call under `lock_team`)."""
     limit = team_limits(session, settings, team_id)["running_jobs"].value
     return limit if jobs_in(session, team_id, ACTIVE) >= limit else None
+
+
+def with_room_to_run(session: Session, settings: Settings, job_ids: list[str]) -> list[str]:
+    """Of these queued jobs (in order), as many per team as the team has running places free: the reaper does not
+    send again a job that a worker would only hold again (the claim still decides)."""
+    teams = dict(session.execute(select(Job.id, Job.team_id).where(Job.id.in_(job_ids))).tuples().all())
+    free: dict[str, int] = {}
+    chosen = []
+    for job_id in job_ids:
+        team_id = teams.get(job_id)
+        if team_id is None:
+            continue
+        if team_id not in free:
+            limit = team_limits(session, settings, team_id)["running_jobs"].value
+            free[team_id] = limit - jobs_in(session, team_id, ACTIVE)
+        if free[team_id] > 0:
+            free[team_id] -= 1
+            chosen.append(job_id)
+    return chosen
 
 
 def window_start(settings: Settings, now: float) -> int:

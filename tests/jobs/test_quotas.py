@@ -251,8 +251,11 @@ def test_concurrent_claims_never_exceed_the_running_quota(client, auth, upload, 
         assert execution.claim_job(session, held[0].id, "w-again", settings) is None  # held again: no second event
         again = session.scalars(select(JobEvent.id).where(JobEvent.job_id == held[0].id, JobEvent.message == message))
         assert len(again.all()) == 1
+        held_ids = sorted(job.id for job in held)
+        assert quotas.with_room_to_run(session, settings, held_ids) == []  # the reaper sends none of them
         running = [job_id for job_id, ok in zip(job_ids, claimed, strict=True) if ok]
         execution.finish_job(session, running[0], f"w-{running[0]}", JobStatus.succeeded)
+        assert quotas.with_room_to_run(session, settings, held_ids) == held_ids[:1]  # one place free: the oldest
         assert execution.claim_job(session, held[0].id, "w-next", settings).status == JobStatus.running
 
 
