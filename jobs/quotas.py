@@ -8,7 +8,7 @@ default; `langadapt admin quota ...` manages the rows). Over a limit:
   a client honouring `Retry-After` gets its job on the next try). One counter per team and fixed window, in the
   database (an atomic upsert), so every API process shares it;
 - running jobs: never a 429. A worker does not start a job of a team running its limit already; the job stays
-  queued and is sent again a little later (`execution.claim_job`).
+  queued (`execution.claim_job`) and the reaper sends it again once the team has a place free (`with_room_to_run`).
 """
 
 from __future__ import annotations
