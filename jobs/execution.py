@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from langadapt.jobs import webhooks
-from langadapt.jobs.models import Artifact, Job, JobEvent, JobStatus, Score, WorkerBeat, utcnow
-
-ACTIVE = (JobStatus.running, JobStatus.cancelling)
+from langadapt.jobs import quotas, webhooks
+from langadapt.jobs.models import ACTIVE, Artifact, Job, JobEvent, JobStatus, Score, WorkerBeat, utcnow
+from langadapt.jobs.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -27,9 +26,20 @@ class JobError:
     kind: str  # user | system
 
 
-def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
-    """queued -> running for this worker; None when the job is not queued (cancelled, already taken, missing)."""
-    now = utcnow()
+def claim_job(session: Session, job_id: str, worker: str, settings: Settings) -> Job | None:
+    """queued -> running for this worker; None when the job is not queued (cancelled, already taken, missing) or its
+    team runs its limit of jobs already: then it stays queued, undispatched until `quota_hold_s` from now, and the
+    reaper sends it again. The team's row is locked, so concurrent workers cannot both take its last place."""
+    team_id = session.scalar(select(Job.team_id).where(Job.id == job_id, Job.status == JobStatus.queued))
+    if team_id is None:
+        session.rollback()
+        return None
+    quotas.lock_team(session, team_id)
+    limit = quotas.running_limit_reached(session, settings, team_id)
+    now = utcnow()  # after the count: a job that ended to make room has its finished_at before this started_at
+    if limit is not None:
+        _hold(session, job_id, limit, not_before=now + timedelta(seconds=settings.quota_hold_s))
+        return None
     claimed = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued)
@@ -37,6 +47,18 @@ def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
     ).rowcount
     session.commit()
     return session.get(Job, job_id) if claimed else None
+
+
+def _hold(session: Session, job_id: str, limit: int, *, not_before: datetime) -> None:
+    held = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(dispatched_at=None, not_before=not_before, updated_at=utcnow())
+    ).rowcount
+    message = f"waiting: team at its running-jobs quota ({limit})"
+    if held and not session.scalar(select(exists().where(JobEvent.job_id == job_id, JobEvent.message == message))):
+        session.add(JobEvent(job_id=job_id, type="message", message=message))
+    session.commit()
 
 
 def heartbeat(session: Session, job_id: str, worker: str) -> bool:
@@ -207,18 +229,20 @@ def reap_stale(session: Session, timeout_s: float) -> list[str]:
 
 
 def undispatched(session: Session, older_than_s: float) -> list[str]:
-    """Queued jobs to send (again): the broker never took them (it was down at submit or retry time), or they were
-    held back until `not_before`, which has passed."""
+    """Queued jobs to send (again), oldest first: the broker never took them (it was down at submit or retry time),
+    or they were held back until `not_before`, which has passed."""
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_s)
     return list(
         session.scalars(
-            select(Job.id).where(
+            select(Job.id)
+            .where(
                 Job.status == JobStatus.queued,
                 Job.dispatched_at.is_(None),
                 or_(Job.not_before.is_(None), Job.not_before <= now),
                 or_(Job.not_before.is_not(None), Job.updated_at < cutoff),
             )
+            .order_by(Job.id)
         )
     )
 

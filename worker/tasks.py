@@ -8,7 +8,7 @@ from functools import cache
 
 from celery import Task
 
-from langadapt.jobs import execution, webhooks
+from langadapt.jobs import execution, quotas, webhooks
 from langadapt.jobs.queue import DELIVER_WEBHOOKS, REAP, RUN_JOB, dispatch
 from langadapt.jobs.runtime import Services, build_services
 from langadapt.worker.app import app, settings
@@ -49,15 +49,13 @@ def run_job(self: Task, job_id: str) -> int | None:
 
 @app.task(name=REAP)
 def reap() -> dict[str, list[str]]:
-    """Fail jobs whose worker died; re-send jobs the broker never took."""
+    """Fail jobs whose worker died; re-send jobs the broker never took or that were held back (as many of a team's
+    as it has running places free)."""
     current = services()
     with current.sessions() as session:
         reaped = execution.reap_stale(session, settings.heartbeat_timeout_s)
-        resent = [
-            job_id
-            for job_id in execution.undispatched(session, UNDISPATCHED_GRACE_S)
-            if dispatch(session, app, job_id, settings)
-        ]
+        due = quotas.with_room_to_run(session, settings, execution.undispatched(session, UNDISPATCHED_GRACE_S))
+        resent = [job_id for job_id in due if dispatch(session, app, job_id, settings)]
     if reaped or resent:
         log.warning("reaper: failed %s, re-dispatched %s", reaped, resent)
     return {"reaped": reaped, "redispatched": resent}

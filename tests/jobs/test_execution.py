@@ -11,6 +11,9 @@ from langadapt.jobs import execution
 from langadapt.jobs.db import make_engine, make_sessionmaker, upgrade
 from langadapt.jobs.models import File, Job, JobStatus, Team, utcnow
 from langadapt.jobs.results import job_scores
+from langadapt.jobs.settings import Settings
+
+SETTINGS = Settings(_env_file=None)
 
 
 @pytest.fixture
@@ -56,14 +59,14 @@ def _age_heartbeat(sessions, job_id: str, seconds: float) -> None:
 
 def test_a_job_is_claimed_once(sessions, job_id) -> None:
     with sessions() as session:
-        assert execution.claim_job(session, job_id, "w1").status == JobStatus.running
-        assert execution.claim_job(session, job_id, "w2") is None
-        assert execution.claim_job(session, "job_missing", "w2") is None
+        assert execution.claim_job(session, job_id, "w1", SETTINGS).status == JobStatus.running
+        assert execution.claim_job(session, job_id, "w2", SETTINGS) is None
+        assert execution.claim_job(session, "job_missing", "w2", SETTINGS) is None
 
 
 def test_heartbeat_reports_cancel_and_lost_ownership(sessions, job_id) -> None:
     with sessions() as session:
-        execution.claim_job(session, job_id, "w1")
+        execution.claim_job(session, job_id, "w1", SETTINGS)
         assert execution.heartbeat(session, job_id, "w1") is False
         assert execution.heartbeat(session, job_id, "w2") is True  # not its job: stop
         session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
@@ -74,7 +77,7 @@ def test_heartbeat_reports_cancel_and_lost_ownership(sessions, job_id) -> None:
 def test_only_the_owner_finishes_a_job(sessions, job_id) -> None:
     error = execution.JobError("internal_error", "boom", "cpt", "system")
     with sessions() as session:
-        execution.claim_job(session, job_id, "w1")
+        execution.claim_job(session, job_id, "w1", SETTINGS)
         assert not execution.finish_job(session, job_id, "w2", JobStatus.failed, error)
         assert execution.finish_job(session, job_id, "w1", JobStatus.failed, error)
         assert not execution.finish_job(session, job_id, "w1", JobStatus.succeeded)  # already terminal
@@ -90,7 +93,7 @@ def test_only_the_owner_finishes_a_job(sessions, job_id) -> None:
 
 def test_reaper_fails_jobs_whose_worker_went_silent(sessions, job_id) -> None:
     with sessions() as session:
-        execution.claim_job(session, job_id, "w1")
+        execution.claim_job(session, job_id, "w1", SETTINGS)
         execution.set_stage(session, job_id, "cpt")
         session.commit()
     _age_heartbeat(sessions, job_id, 30)
@@ -112,7 +115,7 @@ def test_reaper_fails_jobs_whose_worker_went_silent(sessions, job_id) -> None:
 
 def test_reaper_completes_a_cancel_whose_worker_died(sessions, job_id) -> None:
     with sessions() as session:
-        execution.claim_job(session, job_id, "w1")
+        execution.claim_job(session, job_id, "w1", SETTINGS)
         session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling))
         session.commit()
     _age_heartbeat(sessions, job_id, 300)
