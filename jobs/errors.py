@@ -43,3 +43,8 @@ class TooLarge(ServiceError):
 class Unavailable(ServiceError):
     status = 503
     code = "service_unavailable"
+
+
+class Gone(ServiceError):
+    status = 410
+    code = "gone"
