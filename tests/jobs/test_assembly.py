@@ -1,0 +1,148 @@
+"""Model files kept as recipes (jobs/assembly.py): byte-exact round trips on both store backends, sharded models,
+and a changed or vanished input model refused before any byte is streamed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from langadapt.jobs.assembly import (
+    INPUT_FILE,
+    INPUT_OBJECT,
+    Assembler,
+    InputFile,
+    InputModelChanged,
+    InputModelUnavailable,
+    TensorIndex,
+    split,
+)
+from langadapt.jobs.storage import ArtifactStore, LocalStore, S3Store
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
+    if request.param == "local":
+        made: ArtifactStore = LocalStore(str(tmp_path / "store"))
+    else:
+        endpoint = request.getfixturevalue("s3_endpoint")
+        made = S3Store(f"test-{uuid.uuid4().hex[:12]}", "p", endpoint, "test", "test", secure=False)
+    made.ensure_ready()
+    return made
+
+
+def tensors(seed: int, vocab: int = 40) -> dict[str, np.ndarray]:
+    """A tiny model's tensors: an embedding (changed by every stage below) and layers (kept)."""
+    rng = np.random.default_rng(seed)
+    layers = np.random.default_rng(0)
+    return {
+        "embed.weight": rng.standard_normal((vocab, 8)).astype(np.float32),
+        "layer.0.w": layers.standard_normal((8, 8)).astype(np.float32),
+        "layer.1.w": layers.standard_normal((8, 8)).astype(np.float32),
+        "layer.1.b": layers.standard_normal((8,)).astype(np.float16),
+        "norm.weight": np.ones(8, dtype=np.float32),
+    }
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def publish(store: ArtifactStore, index: TensorIndex, path: Path, key: str) -> tuple[dict, int]:
+    blob = path.with_suffix(".blob")
+    recipe, written = split(str(path), index, key, str(blob))
+    if written:
+        store.put_file(key, str(blob))
+    return recipe, written
+
+
+def test_round_trip_is_byte_exact_and_stores_only_changed_tensors(store: ArtifactStore, tmp_path: Path) -> None:
+    base, stage, other = tmp_path / "base.safetensors", tmp_path / "stage.safetensors", tmp_path / "other.safetensors"
+    save_file(tensors(1), str(base), metadata={"format": "pt"})
+    save_file(tensors(2), str(stage))
+    save_file(tensors(3), str(other))
+    index = TensorIndex()
+    index.add_inputs([InputFile(INPUT_FILE, str(base), str(base))])
+
+    recipe, written = publish(store, index, stage, "job/tensors/stage")
+    assert written == 40 * 8 * 4  # only the embedding: the layers are referenced in the input model
+    assert recipe["size"] == stage.stat().st_size and recipe["sha256"] == sha256(stage)
+    again, second = publish(store, index, other, "job/tensors/other")
+    assert second == 40 * 8 * 4
+
+    assembler = Assembler(store)
+    for path, made in ((stage, recipe), (other, again)):
+        assembler.verify(made)
+        assert b"".join(assembler.chunks(made)) == path.read_bytes()
+        assembler.save(made, str(tmp_path / "restored" / path.name))
+        assert (tmp_path / "restored" / path.name).read_bytes() == path.read_bytes()
+
+    # A stage equal to an earlier one stores nothing: every tensor is referenced.
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(stage.read_bytes())
+    same, nothing = publish(store, index, copy, "job/tensors/copy")
+    assert nothing == 0 and b"".join(assembler.chunks(same)) == stage.read_bytes()
+
+
+def test_sharded_model_round_trips(store: ArtifactStore, tmp_path: Path) -> None:
+    """Each shard of a sharded model is its own recipe; a tensor may come from any shard of the input."""
+    model = tensors(1)
+    names = sorted(model)
+    inputs = []
+    for number, part in enumerate((names[:2], names[2:])):
+        shard = tmp_path / f"in-{number}.safetensors"
+        save_file({name: model[name] for name in part}, str(shard))
+        key = f"models/base/{shard.name}"
+        store.put_file(key, str(shard))
+        inputs.append(InputFile(INPUT_OBJECT, key, str(shard)))
+    index = TensorIndex()
+    index.add_inputs(inputs)
+    changed = tensors(5)
+    assembler = Assembler(store)
+    for number, part in enumerate((names[:3], names[3:])):  # sharded differently from the input
+        shard = tmp_path / f"out-{number}.safetensors"
+        save_file({name: changed[name] if name == "embed.weight" else model[name] for name in part}, str(shard))
+        recipe, written = publish(store, index, shard, f"job/tensors/out-{number}")
+        assert written == (40 * 8 * 4 if "embed.weight" in part else 0)
+        assembler.verify(recipe)
+        assert hashlib.sha256(b"".join(assembler.chunks(recipe))).hexdigest() == sha256(shard)
+
+
+def test_changed_or_vanished_input_model_is_refused_before_streaming(store: ArtifactStore, tmp_path: Path) -> None:
+    base, stage = tmp_path / "base.safetensors", tmp_path / "stage.safetensors"
+    save_file(tensors(1), str(base))
+    save_file(tensors(2), str(stage))
+    store.put_file("models/base/model.safetensors", str(base))
+    local_index, store_index = TensorIndex(), TensorIndex()
+    local_index.add_inputs([InputFile(INPUT_FILE, str(base), str(base))])
+    store_index.add_inputs([InputFile(INPUT_OBJECT, "models/base/model.safetensors", str(base))])
+    on_disk, _ = publish(store, local_index, stage, "job/tensors/a")
+    in_store, _ = publish(store, store_index, stage, "job/tensors/b")
+    assembler = Assembler(store)
+    assembler.verify(on_disk)
+    assembler.verify(in_store)
+
+    changed = tensors(1)
+    changed["layer.0.w"] = changed["layer.0.w"] + 1  # same size, other bytes
+    save_file(changed, str(base))
+    os.utime(base, ns=(1, 1))  # a new stamp, as any rewrite gives
+    store.put_file("models/base/model.safetensors", str(base))
+    for recipe in (on_disk, in_store):
+        with pytest.raises(InputModelChanged) as caught:
+            assembler.verify(recipe)
+        assert caught.value.status == 409 and caught.value.code == "input_model_changed"
+        with pytest.raises(InputModelChanged):
+            assembler.save(recipe, str(tmp_path / "restored.safetensors"))
+        assert not (tmp_path / "restored.safetensors").exists()
+
+    base.unlink()
+    store.delete_prefix("models/base")
+    for recipe in (on_disk, in_store):
+        with pytest.raises(InputModelUnavailable) as gone:
+            assembler.verify(recipe)
+        assert gone.value.status == 410 and gone.value.code == "input_model_unavailable"
