@@ -68,7 +68,7 @@ def _schedule(settings: Settings) -> dict[str, dict[str, object]]:
     }
     if settings.artifact_retention_days is not None:
         every["expire-artifacts"] = (EXPIRE_ARTIFACTS, settings.retention_interval_s)
-    return {name: {"task": task, "schedule": timedelta(seconds=s)} for name, (task, s) in every.items()}
+    return {name: {"task": task, "schedule": timedelta(seconds=period)} for name, (task, period) in every.items()}
 
 
 def _transport_options(settings: Settings) -> dict[str, int | str]:
