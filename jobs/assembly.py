@@ -20,7 +20,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from langadapt.jobs.errors import Conflict, Gone
@@ -62,7 +62,10 @@ def tensor_ranges(path: str) -> tuple[int, list[tuple[int, int]]]:
     """The header's length (with its 8-byte prefix) and each tensor's absolute (offset, length) in file order;
     ValueError unless the tensors cover the data exactly (as safetensors writes them)."""
     with open(path, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: not a safetensors file")
+        (header_len,) = struct.unpack("<Q", prefix)
         header = json.loads(handle.read(header_len))
     start = 8 + header_len
     spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
@@ -181,11 +184,17 @@ class Assembler:
                 )
             self._verified.add(mark)
 
-    def chunks(self, recipe: dict[str, Any]) -> Iterator[bytes]:
-        """The complete file's bytes (call `verify` first: a started stream cannot become an error response)."""
-        yield base64.b64decode(recipe["header"])
-        for piece in recipe["pieces"]:
-            yield from self._read(Piece(**piece))
+    def chunks(self, recipe: dict[str, Any], start: int = 0) -> Iterator[bytes]:
+        """The complete file's bytes from byte `start` on (call `verify` first: a started stream cannot become an
+        error response)."""
+        header = base64.b64decode(recipe["header"])
+        yield header[start:]
+        position = len(header)
+        for piece in (Piece(**p) for p in recipe["pieces"]):
+            skip = max(0, start - position)
+            position += piece.length
+            if skip < piece.length:
+                yield from self._read(replace(piece, offset=piece.offset + skip, length=piece.length - skip))
 
     def save(self, recipe: dict[str, Any], path: str) -> None:
         """Write the complete file to `path` (atomically), checking its sha256 against the recipe's."""

@@ -69,13 +69,20 @@ def artifact_response(job: Job, name: str, request: Request, session: Session, s
     store, settings = services.store, services.settings
     if row.recipe is not None:
         services.assembler.verify(row.recipe)  # before the stream starts: afterwards no error can be answered
+        start = _range_start(request.headers.get("range"), row.size)
         headers = {
-            "Content-Length": str(row.size),
+            "Content-Length": str(row.size - start),
             "X-Content-SHA256": row.sha256,
             "Content-Disposition": content_disposition(filename),
+            "Accept-Ranges": "bytes",
         }
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{row.size - 1}/{row.size}"
         return StreamingResponse(
-            services.assembler.chunks(row.recipe), media_type="application/octet-stream", headers=headers
+            services.assembler.chunks(row.recipe, start),
+            status_code=status.HTTP_206_PARTIAL_CONTENT if start else status.HTTP_200_OK,
+            media_type="application/octet-stream",
+            headers=headers,
         )
     url = store.presigned_get(row.storage_key, timedelta(seconds=settings.presign_ttl_s), filename=filename)
     if url is not None:
@@ -84,6 +91,15 @@ def artifact_response(job: Job, name: str, request: Request, session: Session, s
     if path is not None:
         return FileResponse(path, filename=filename, media_type="application/octet-stream")
     return StreamingResponse(store.iter_bytes(row.storage_key), media_type="application/octet-stream")
+
+
+def _range_start(header: str | None, size: int) -> int:
+    """The first byte of an open-ended `Range: bytes=N-` (how downloads resume); 0 (the whole file) for anything
+    else, which HTTP allows a server to answer with 200."""
+    if header is None or not header.startswith("bytes=") or not header.endswith("-"):
+        return 0
+    first = header[len("bytes=") : -1]
+    return int(first) if first.isdigit() and int(first) < size else 0
 
 
 def _check_name(name: str, request: Request) -> None:

@@ -56,6 +56,8 @@ def test_job_runs_end_to_end_through_the_worker(client, auth, settings, start_wo
         data = _download(client, auth, job["id"], name)
         assert (len(data), hashlib.sha256(data).hexdigest()) == (artifacts[name]["size"], artifacts[name]["sha256"])
         if name in models:
+            resumed = client.get(f"/v1/jobs/{job['id']}/artifacts/{name}", headers={**auth, "Range": "bytes=1000-"})
+            assert resumed.status_code == 206 and resumed.content == data[1000:]
             header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
             begin, end = header["model.embed_tokens.weight"]["data_offsets"]  # tied: the head too
             embedding_bytes[name] = end - begin
