@@ -70,7 +70,7 @@ class JobArtifacts:
                 continue
             size = os.path.getsize(local)
             row = Artifact(job_id=self.job.id, name=name, kind=kind, size=size, sha256=sha)
-            if not (relative.endswith(".safetensors") and self._put_tensors(row, local)):
+            if not (relative.endswith(".safetensors") and self._put_tensors(row, local, os.path.dirname(path))):
                 row.storage_key, row.stored_bytes = self.prefix + "artifacts/" + name, size
                 self.store.put_file(row.storage_key, local)
             rows.append(row)
@@ -86,12 +86,12 @@ class JobArtifacts:
         }
         self.store.put_bytes(self.prefix + MANIFEST, json.dumps(job_manifest, indent=2).encode())
 
-    def _put_tensors(self, row: Artifact, local: str) -> bool:
+    def _put_tensors(self, row: Artifact, local: str, run_dir: str) -> bool:
         """Store only the tensors of a safetensors file that neither this job nor its input models hold yet; False
         when the file is not one `assembly` can split (it is then stored whole)."""
         index = self._tensor_index()
         row.storage_key = f"{self.prefix}tensors/{row.name}.{row.sha256[:16]}"
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(local))) as scratch:
+        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tensors-") as scratch:
             blob = os.path.join(scratch, "tensors")
             try:
                 row.recipe, row.stored_bytes = split(local, index, row.storage_key, blob)
