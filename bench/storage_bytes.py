@@ -87,7 +87,8 @@ def main() -> None:
                 "copy_examples": args.examples,
                 "max_new_tokens": 16,
                 "batch_size": 4,
-                "sft": {"batch_size": 2, "grad_accum": 1, "max_len": 128},
+                "passage_max_chars": 200,
+                "sft": {"batch_size": 2, "grad_accum": 1, "max_len": 512},
             },
             "evaluation": {"tasks": ["symbols_per_token"], "limit": 2, "heldout_chars": 2000},
         }

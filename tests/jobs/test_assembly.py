@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from sqlalchemy import update
 
 from langadapt.jobs.assembly import (
     INPUT_FILE,
@@ -22,7 +23,10 @@ from langadapt.jobs.assembly import (
     TensorIndex,
     split,
 )
+from langadapt.jobs.execution import record_artifacts
+from langadapt.jobs.models import Artifact, Job, JobStatus
 from langadapt.jobs.storage import ArtifactStore, LocalStore, S3Store
+from tests.jobs.conftest import job_body
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -150,3 +154,37 @@ def test_changed_or_vanished_input_model_is_refused_before_streaming(store: Arti
         with pytest.raises(InputModelUnavailable) as gone:
             assembler.verify(recipe)
         assert gone.value.status == 410 and gone.value.code == "input_model_unavailable"
+
+
+def test_api_streams_an_assembled_model_and_refuses_a_changed_input(client, auth, model_root, files, tmp_path) -> None:
+    """Through the API (Postgres, S3): the download is the complete file; a changed input model is a 409 and a
+    vanished one a 410, answered before any byte, while HEAD keeps giving size and sha256."""
+    job = client.post("/v1/jobs", headers=auth, json=job_body(model_root, files)).json()
+    services = client.app.state.services
+    base, stage = tmp_path / "base.safetensors", tmp_path / "stage.safetensors"
+    save_file(tensors(1), str(base))
+    save_file(tensors(2), str(stage))
+    index = TensorIndex()
+    index.add_inputs([InputFile(INPUT_FILE, str(base), str(base))])
+    recipe, written = publish(services.store, index, stage, f"teams/t/jobs/{job['id']}/tensors/cpt/model.safetensors")
+    with services.sessions() as session:
+        session.execute(update(Job).where(Job.id == job["id"]).values(status=JobStatus.succeeded))
+        row = Artifact(job_id=job["id"], name="cpt/model.safetensors", kind="adapted_base", recipe=recipe)
+        row.size, row.sha256, row.storage_key, row.stored_bytes = recipe["size"], recipe["sha256"], "k", written
+        record_artifacts(session, job["id"], [row])
+    url = f"/v1/jobs/{job['id']}/artifacts/cpt/model.safetensors"
+
+    download = client.get(url, headers=auth)
+    assert download.status_code == 200 and download.content == stage.read_bytes()
+    assert download.headers["x-content-sha256"] == sha256(stage)
+
+    changed = tensors(1)
+    changed["norm.weight"] = changed["norm.weight"] * 2
+    save_file(changed, str(base))
+    refused = client.get(url, headers=auth)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "input_model_changed"
+    head = client.head(url, headers=auth)
+    assert head.status_code == 200 and head.headers["x-content-sha256"] == sha256(stage)
+    base.unlink()
+    gone = client.get(url, headers=auth)
+    assert gone.status_code == 410 and gone.json()["error"]["code"] == "input_model_unavailable"
