@@ -59,7 +59,9 @@ class JobArtifacts:
         manifest = read_manifest(path) or {"files": []}
         hashes = {entry["path"]: entry["sha256"] for entry in manifest["files"]}
         with self.sessions() as session:
-            known = {a.name: a.sha256 for a in execution.artifacts_of(session, self.job.id)}
+            published = execution.artifacts_of(session, self.job.id)
+        known = {a.name: a.sha256 for a in published}
+        stored = {a.sha256: a.storage_key for a in published if a.recipe is None}  # e.g. each stage's tokenizer
         kind = ARTIFACT_KINDS.get(stage.split(":", 1)[0], "other")
         rows = []
         for relative in [*sorted(hashes), MANIFEST]:
@@ -71,8 +73,7 @@ class JobArtifacts:
             size = os.path.getsize(local)
             row = Artifact(job_id=self.job.id, name=name, kind=kind, size=size, sha256=sha)
             if not (relative.endswith(".safetensors") and self._put_tensors(row, local, os.path.dirname(path))):
-                row.storage_key, row.stored_bytes = self.prefix + "artifacts/" + name, size
-                self.store.put_file(row.storage_key, local)
+                self._put_file(row, local, stored)
             rows.append(row)
         with self.sessions() as session:
             execution.record_artifacts(session, self.job.id, rows)
@@ -85,6 +86,15 @@ class JobArtifacts:
             "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256} for a in everything],
         }
         self.store.put_bytes(self.prefix + MANIFEST, json.dumps(job_manifest, indent=2).encode())
+
+    def _put_file(self, row: Artifact, local: str, stored: dict[str, str]) -> None:
+        """Upload a file whole, unless the job stores the same bytes already (`stored`: sha256 -> key)."""
+        if row.sha256 in stored:
+            row.storage_key, row.stored_bytes = stored[row.sha256], 0
+            return
+        row.storage_key, row.stored_bytes = self.prefix + "artifacts/" + row.name, row.size
+        self.store.put_file(row.storage_key, local)
+        stored[row.sha256] = row.storage_key
 
     def _put_tensors(self, row: Artifact, local: str, run_dir: str) -> bool:
         """Store only the tensors of a safetensors file that neither this job nor its input models hold yet; False
