@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlsplit
@@ -72,7 +72,7 @@ def _validate_prefix(prefix: str) -> str:
 class StoredObject:
     key: str
     size: int
-    version: str = ""  # from `stat`: changes when the object is rewritten (S3 ETag, local mtime)
+    version: str = field(default="", compare=False)  # from `stat`: changes when rewritten (S3 ETag, local mtime)
 
 
 class ArtifactStore(Protocol):
