@@ -13,6 +13,9 @@ import pytest
 from safetensors.numpy import save_file
 from sqlalchemy import update
 
+from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.core.adaptation.manifest import is_complete, write_manifest
+from langadapt.jobs.artifacts import JobArtifacts
 from langadapt.jobs.assembly import (
     INPUT_FILE,
     INPUT_OBJECT,
@@ -23,7 +26,7 @@ from langadapt.jobs.assembly import (
     TensorIndex,
     split,
 )
-from langadapt.jobs.execution import record_artifacts
+from langadapt.jobs.execution import artifacts_of, record_artifacts
 from langadapt.jobs.models import Artifact, Job, JobStatus
 from langadapt.jobs.storage import ArtifactStore, LocalStore, S3Store
 from tests.jobs.conftest import job_body
@@ -188,3 +191,43 @@ def test_api_streams_an_assembled_model_and_refuses_a_changed_input(client, auth
     base.unlink()
     gone = client.get(url, headers=auth)
     assert gone.status_code == 410 and gone.json()["error"]["code"] == "input_model_unavailable"
+
+
+def test_restore_rebuilds_complete_model_dirs_and_refuses_a_changed_input(
+    client, auth, model_root, files, tmp_path
+) -> None:
+    """A retry elsewhere gets every published stage back complete: recipes assembled, whole files downloaded; an
+    input model that changed since is the job's user error `input_model_changed`, not a wrong model."""
+    job = client.post("/v1/jobs", headers=auth, json=job_body(model_root, files)).json()
+    services = client.app.state.services
+    with services.sessions() as session:
+        row = session.get(Job, job["id"])
+        session.expunge(row)
+    base = tmp_path / "base.safetensors"
+    save_file(tensors(1), str(base))
+    stage = tmp_path / "run" / "cpt"
+    stage.mkdir(parents=True)
+    shards = (["embed.weight", "layer.0.w"], ["layer.1.b", "layer.1.w", "norm.weight"])
+    for number, part in enumerate(shards, start=1):
+        save_file({name: tensors(2)[name] for name in part}, str(stage / f"model-0000{number}-of-00002.safetensors"))
+    (stage / "model.safetensors.index.json").write_text("{}")
+    write_manifest(str(stage))
+    artifacts = JobArtifacts(services.store, services.sessions, row)
+    artifacts.inputs = [InputFile(INPUT_FILE, str(base), str(base))]
+    artifacts.publish_stage("cpt", str(stage))
+    with services.sessions() as session:
+        listed = {a.name: a for a in artifacts_of(session, job["id"])}
+    assert listed["cpt/model-00001-of-00002.safetensors"].stored_bytes == 40 * 8 * 4  # the layers: in the input
+    assert listed["cpt/model-00002-of-00002.safetensors"].stored_bytes == 0
+
+    elsewhere = tmp_path / "elsewhere"
+    JobArtifacts(services.store, services.sessions, row).restore_stages(str(elsewhere))
+    assert is_complete(str(elsewhere / "cpt"), verify_hashes=True)
+    assert sorted(os.listdir(elsewhere / "cpt")) == sorted(os.listdir(stage))
+
+    changed = tensors(1)
+    changed["layer.1.w"] = changed["layer.1.w"] * 3
+    save_file(changed, str(base))
+    with pytest.raises(AdaptationInputError) as caught:
+        JobArtifacts(services.store, services.sessions, row).restore_stages(str(tmp_path / "third"))
+    assert caught.value.code == "input_model_changed"
