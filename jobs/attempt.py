@@ -23,7 +23,7 @@ from langadapt.core.adaptation.errors import AdaptationInputError, StageCancelle
 from langadapt.core.adaptation.events import EventSink, StageStarted
 from langadapt.core.adaptation.spec import AdaptationSpec
 from langadapt.jobs import execution
-from langadapt.jobs.artifacts import JobArtifacts, local_model
+from langadapt.jobs.artifacts import JobArtifacts, input_files, local_model
 from langadapt.jobs.files import fetch_file
 from langadapt.jobs.models import File, Job, JobStatus
 from langadapt.jobs.progress import JobEventRecorder
@@ -66,6 +66,8 @@ def run_attempt(
     status, error = JobStatus.succeeded, None
     try:
         spec = _prepare(job, run_dir, settings, sessions, store, events)
+        refs = [ref for ref in (job.base_model, job.instruct_model) if ref]
+        artifacts.inputs = [file for ref in refs for file in input_files(settings, store, ref)]
         artifacts.restore_stages(run_dir)
         artifacts.restore_checkpoint(run_dir)
         pipeline(spec, run_dir, emit=events, should_cancel=should_cancel, on_stage_complete=artifacts.publish_stage)
