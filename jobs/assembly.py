@@ -6,6 +6,9 @@ stored (in an earlier stage of the job) or lie in one of the job's input models 
 the others go, concatenated, into one object of this file. The recipe (on the artifact row) holds the original
 header bytes and, in file order, where each tensor's bytes are. Assembly streams the header, then the pieces.
 
+Stages write float32 weights; an input model in bfloat16 or float16 still serves as a source: its tensor, widened to
+float32 (exact in both cases), is referenced when the widened bytes are the stage's (`Piece.widen`).
+
 Pieces in this job's own objects are trusted; pieces in input models (files on the service's disks, or objects in
 its store) carry their sha256 and are verified before a download or restore starts: a changed input answers 409
 `input_model_changed`, a missing one 410 `input_model_unavailable`, never wrong bytes.
@@ -23,12 +26,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from langadapt.jobs.errors import Conflict, Gone
 from langadapt.jobs.storage import ArtifactStore, ObjectNotFound, StoredObject
 
 FORMAT = "langadapt.safetensors-recipe/1"
 JOB_OBJECT, INPUT_FILE, INPUT_OBJECT = "object", "input_file", "input_object"  # where a piece's bytes are
 _BLOCK = 1 << 20
+WIDENED = {"BF16", "F16"}  # input dtypes whose tensors are referenced widened to float32
 
 
 @dataclass(frozen=True)
@@ -36,8 +42,9 @@ class Piece:
     kind: str  # JOB_OBJECT | INPUT_FILE | INPUT_OBJECT
     location: str  # a store key (objects) or an absolute path (input files)
     offset: int
-    length: int
+    length: int  # of the piece's bytes in the assembled file
     sha256: str
+    widen: str | None = None  # the source's dtype (BF16 / F16) when its bytes are widened to float32: length / 2 read
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,8 @@ class InputModelUnavailable(Gone):
     code = "input_model_unavailable"
 
 
-def tensor_ranges(path: str) -> tuple[int, list[tuple[int, int]]]:
-    """The header's length (with its 8-byte prefix) and each tensor's absolute (offset, length) in file order;
+def tensor_ranges(path: str) -> tuple[int, list[tuple[int, int, str]]]:
+    """The header's length (with its 8-byte prefix) and each tensor's absolute (offset, length, dtype) in file order;
     ValueError unless the tensors cover the data exactly (as safetensors writes them)."""
     with open(path, "rb") as handle:
         prefix = handle.read(8)
@@ -68,21 +75,48 @@ def tensor_ranges(path: str) -> tuple[int, list[tuple[int, int]]]:
         (header_len,) = struct.unpack("<Q", prefix)
         header = json.loads(handle.read(header_len))
     start = 8 + header_len
-    spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    spans = sorted((*v["data_offsets"], v["dtype"]) for k, v in header.items() if k != "__metadata__")
     position = 0
-    for begin, end in spans:
+    for begin, end, _ in spans:
         if begin != position or end < begin:
             raise ValueError(f"{path}: tensor data is not contiguous at byte {begin}")
         position = end
     if start + position != os.path.getsize(path):
         raise ValueError(f"{path}: tensor data does not end the file")
-    return start, [(start + begin, end - begin) for begin, end in spans]
+    return start, [(start + begin, end - begin, dtype) for begin, end, dtype in spans]
+
+
+def widen(data: bytes, dtype: str) -> bytes:
+    """bfloat16 / float16 bytes as float32 bytes (little-endian; both conversions are exact)."""
+    if dtype == "BF16":
+        return (np.frombuffer(data, dtype="<u2").astype("<u4") << 16).tobytes()
+    return np.frombuffer(data, dtype="<f2").astype("<f4").tobytes()
+
+
+def _aligned(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """The same bytes in chunks of whole `size`-byte elements (a network read may split an element)."""
+    rest = b""
+    for chunk in chunks:
+        data = rest + chunk
+        cut = len(data) - len(data) % size
+        rest = data[cut:]
+        if cut:
+            yield data[:cut]
+    if rest:
+        raise OSError("a widened piece ends inside an element")
 
 
 def _sha_range(path: str, offset: int, length: int) -> str:
     digest = hashlib.sha256()
     for chunk in _file_range(path, offset, length):
         digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha_widened(path: str, offset: int, length: int, dtype: str) -> str:
+    digest = hashlib.sha256()
+    for chunk in _file_range(path, offset, length):  # whole blocks: elements are never split
+        digest.update(widen(chunk, dtype))
     return digest.hexdigest()
 
 
@@ -103,7 +137,7 @@ class TensorIndex:
 
     def __init__(self) -> None:
         self.known: dict[str, Piece] = {}
-        self._candidates: dict[int, list[tuple[InputFile, int]]] = {}
+        self._candidates: dict[int, list[tuple[InputFile, int, str | None]]] = {}  # by length as assembled
 
     def add_recipe(self, recipe: dict[str, Any]) -> None:
         for piece in recipe["pieces"]:
@@ -115,13 +149,18 @@ class TensorIndex:
                 _, ranges = tensor_ranges(file.local)
             except (OSError, ValueError):
                 continue  # not a safetensors file we can reference: its tensors are stored with the job
-            for offset, length in ranges:
-                self._candidates.setdefault(length, []).append((file, offset))
+            for offset, length, dtype in ranges:
+                self._candidates.setdefault(length, []).append((file, offset, None))
+                if dtype in WIDENED:
+                    self._candidates.setdefault(2 * length, []).append((file, offset, dtype))
 
     def find(self, sha: str, length: int) -> Piece | None:
-        for file, offset in self._candidates.pop(length, []):
-            found = _sha_range(file.local, offset, length)
-            self.known.setdefault(found, Piece(file.kind, file.location, offset, length, found))
+        for file, offset, dtype in self._candidates.pop(length, []):
+            if dtype is None:
+                found = _sha_range(file.local, offset, length)
+            else:
+                found = _sha_widened(file.local, offset, length // 2, dtype)
+            self.known.setdefault(found, Piece(file.kind, file.location, offset, length, found, dtype))
         return self.known.get(sha)
 
 
@@ -134,7 +173,7 @@ def split(path: str, index: TensorIndex, blob_key: str, blob_path: str) -> tuple
     pieces, written = [], 0
     whole = hashlib.sha256(header)
     with open(blob_path, "wb") as blob:
-        for offset, length in ranges:
+        for offset, length, _ in ranges:
             digest = hashlib.sha256()
             for chunk in _file_range(path, offset, length):
                 digest.update(chunk)
@@ -193,8 +232,17 @@ class Assembler:
         for piece in (Piece(**p) for p in recipe["pieces"]):
             skip = max(0, start - position)
             position += piece.length
-            if skip < piece.length:
+            if skip >= piece.length:
+                continue
+            if piece.widen is None:
                 yield from self._read(replace(piece, offset=piece.offset + skip, length=piece.length - skip))
+                continue
+            elements = skip // 4  # whole float32 elements skipped: two source bytes each
+            later = replace(piece, offset=piece.offset + 2 * elements, length=piece.length - 4 * elements)
+            partial = skip % 4
+            for chunk in self._read(later):
+                yield chunk[partial:]
+                partial = 0
 
     def save(self, recipe: dict[str, Any], path: str) -> None:
         """Write the complete file to `path` (atomically), checking its sha256 against the recipe's."""
@@ -229,15 +277,17 @@ class Assembler:
         if piece.kind == JOB_OBJECT:
             yield from self.store.read_range(piece.location, piece.offset, piece.length)
             return
-        left = piece.length
+        left = piece.length if piece.widen is None else piece.length // 2  # source bytes
         try:
             if piece.kind == INPUT_FILE:
-                chunks = _file_range(piece.location, piece.offset, piece.length)
+                chunks = _file_range(piece.location, piece.offset, left)
             else:
-                chunks = self.store.read_range(piece.location, piece.offset, piece.length)
+                chunks = self.store.read_range(piece.location, piece.offset, left)
+            if piece.widen is not None:
+                chunks = _aligned(chunks, 2)
             for chunk in chunks:
                 left -= len(chunk)
-                yield chunk
+                yield chunk if piece.widen is None else widen(chunk, piece.widen)
         except (OSError, ObjectNotFound):
             raise _unavailable(piece) from None
         if left:

@@ -4,7 +4,9 @@ and a changed or vanished input model refused before any byte is streamed."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import uuid
 from pathlib import Path
 
@@ -98,6 +100,64 @@ def test_round_trip_is_byte_exact_and_stores_only_changed_tensors(store: Artifac
     copy.write_bytes(stage.read_bytes())
     same, nothing = publish(store, index, copy, "job/tensors/copy")
     assert nothing == 0 and b"".join(assembler.chunks(same)) == stage.read_bytes()
+
+
+def test_a_half_precision_input_model_is_referenced_widened_to_float32(store: ArtifactStore, tmp_path: Path) -> None:
+    """Stages write float32; an input model in bfloat16 / float16 (as most published weights are) is still referenced:
+    its tensors widened to float32 are the stage's bytes exactly."""
+    model = tensors(1)
+    half = {
+        "embed.weight": model["embed.weight"].astype(np.float16),
+        "layer.0.w": (model["layer.0.w"].view(np.uint32) >> 16).astype(np.uint16),  # bfloat16 bits
+        "layer.1.w": model["layer.1.w"].astype(np.float16),
+        "norm.weight": (model["norm.weight"].view(np.uint32) >> 16).astype(np.uint16),
+    }
+    base = tmp_path / "base.safetensors"
+    save_file({name: array for name, array in half.items() if name in ("embed.weight", "layer.1.w")}, str(base))
+    _set_dtypes(base, {"layer.0.w": "BF16", "norm.weight": "BF16"}, {k: half[k] for k in ("layer.0.w", "norm.weight")})
+    key = "models/half/base.safetensors"
+    store.put_file(key, str(base))
+    loaded = {  # what a float32 load of the input gives, the embedding then retrained
+        "embed.weight": tensors(2)["embed.weight"],
+        "layer.0.w": (half["layer.0.w"].astype(np.uint32) << 16).view(np.float32),
+        "layer.1.w": half["layer.1.w"].astype(np.float32),
+        "layer.1.b": model["layer.1.b"],
+        "norm.weight": (half["norm.weight"].astype(np.uint32) << 16).view(np.float32),
+    }
+    stage = tmp_path / "stage.safetensors"
+    save_file(loaded, str(stage))
+    index = TensorIndex()
+    index.add_inputs([InputFile(INPUT_OBJECT, key, str(base))])
+
+    recipe, written = publish(store, index, stage, "job/tensors/stage")
+    assert written == 40 * 8 * 4 + 8 * 2  # the retrained embedding and the float16 bias (not in the input)
+    assert sorted(p["widen"] for p in recipe["pieces"] if p["widen"]) == ["BF16", "BF16", "F16"]
+    assembler = Assembler(store)
+    assembler.verify(recipe)
+    data = stage.read_bytes()
+    assert b"".join(assembler.chunks(recipe)) == data
+    header = 8 + int.from_bytes(data[:8], "little")
+    for start in range(header, len(data), 37):  # resumed downloads starting anywhere, inside elements too
+        assert b"".join(assembler.chunks(recipe, start)) == data[start:], start
+
+
+def _set_dtypes(path: Path, dtypes: dict[str, str], arrays: dict[str, np.ndarray]) -> None:
+    """Append `arrays` (raw bits) to the safetensors file at `path` under the given dtypes (numpy has no bfloat16)."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    body = data[8 + length :]
+    for name, array in arrays.items():
+        raw = array.tobytes()
+        header[name] = {
+            "dtype": dtypes[name],
+            "shape": list(array.shape),
+            "data_offsets": [len(body), len(body) + len(raw)],
+        }
+        body += raw
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + body)
 
 
 def test_sharded_model_round_trips(store: ArtifactStore, tmp_path: Path) -> None:
