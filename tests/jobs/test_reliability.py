@@ -146,6 +146,7 @@ def test_storage_outage_fails_the_stage_and_retry_succeeds(
             "vocab": {"method": "extended", "new_tokens": 300},
             "cpt": {"steps": 300, "seq_len": 32, "batch_size": 2, "grad_accum": 1, "checkpoint_every": 50},
             "evaluation": {"tasks": ["symbols_per_token"], "heldout_chars": 2000},
+            "max_attempts": 1,  # no automatic retry (test_recovery.py has those): the failure stays for a look
         }
         start_worker(settings, queues="gpu")
         job = api.post("/v1/jobs", headers=auth, json=body).json()

@@ -189,6 +189,11 @@ def test_a_diverging_run_fails_as_training_diverged_and_publishes_no_model(
         "stage": "cpt",
         "kind": "user",
     }
+    # A user error is never retried: one attempt, though the job had three.
+    assert (done["attempt"], done["max_attempts"]) == (1, 3)
+    assert [(a["attempt"], a["outcome"], a["error"]["code"]) for a in done["attempts"]] == [
+        (1, "failed", "training_diverged")
+    ]
     names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]}
     assert not any(name.startswith(("cpt/", "evaluate/")) for name in names) and "init/model.safetensors" in names
     deadline = time.monotonic() + 30
