@@ -98,9 +98,11 @@ def test_a_killed_worker_s_job_resumes_by_itself_on_another_worker_from_its_uplo
     artifacts_before = client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]
 
     first.kill()  # SIGKILL to the worker's whole process group, mid-CPT: the machine is gone with its disk
+    killed = time.monotonic()
     uploaded = _marker(store, prefix)
     assert uploaded is not None and uploaded["step"] % 20 == 0 and uploaded["step"] < 300
     requeued = wait_for(client, auth, job["id"], lambda j: j["attempt"] == 2 or j["status"] in TERMINAL, timeout=120)
+    requeued_after = time.monotonic() - killed
     assert requeued["status"] == "queued", requeued  # the reaper's verdict: retried, not failed
     second = start_worker(_worker_settings(settings, tmp_path, "machine-2"), queues="gpu")
     done = wait_for(client, auth, job["id"], lambda j: j["status"] in TERMINAL)
@@ -127,6 +129,8 @@ def test_a_killed_worker_s_job_resumes_by_itself_on_another_worker_from_its_uplo
     assert [a for a in after if a["name"].split("/")[0] in ("tokenizer", "init")] == artifacts_before
     _eventually(lambda: store.list(prefix) == [])  # the checkpoints have served
     _eventually(lambda: not os.path.exists(os.path.join(tmp_path, "machine-2", "jobs", job["id"])))
+    figure = {"figure": "worker_kill", "requeued_after_s": round(requeued_after, 2), "heartbeat_timeout_s": 3}
+    print(json.dumps({**figure, "last_uploaded_checkpoint": uploaded["step"], "resumed_from": uploaded["step"]}))
 
 
 def test_sigterm_puts_the_job_back_in_the_queue_and_it_resumes_from_the_preemption_checkpoint(
