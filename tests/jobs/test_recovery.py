@@ -122,7 +122,8 @@ def test_a_killed_worker_s_job_resumes_by_itself_on_another_worker_from_its_uplo
     assert saved == sorted(set(saved)) and all(step % 20 == 0 for step in saved) and saved[-1] <= uploaded["step"]
     # The second attempt fetched that checkpoint into its empty scratch folder and resumed CPT from that step.
     assert f"checkpoint of step {uploaded['step']} fetched from storage: CPT resumes from it" in messages[retried:]
-    assert _stage_info(client, auth, job["id"])["resumed_from"] == uploaded["step"]
+    resumed_from = _stage_info(client, auth, job["id"])["resumed_from"]
+    assert resumed_from == uploaded["step"]
     # Nothing that had completed ran again: tokenizer and init came from storage, their artifacts untouched.
     assert _started(events[retried:]) == ["inputs", "cpt", "evaluate"]
     after = client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]
@@ -130,7 +131,7 @@ def test_a_killed_worker_s_job_resumes_by_itself_on_another_worker_from_its_uplo
     _eventually(lambda: store.list(prefix) == [])  # the checkpoints have served
     _eventually(lambda: not os.path.exists(os.path.join(tmp_path, "machine-2", "jobs", job["id"])))
     figure = {"figure": "worker_kill", "requeued_after_s": round(requeued_after, 2), "heartbeat_timeout_s": 3}
-    print(json.dumps({**figure, "last_uploaded_checkpoint": uploaded["step"], "resumed_from": uploaded["step"]}))
+    print(json.dumps({**figure, "last_uploaded_checkpoint": uploaded["step"], "resumed_from": resumed_from}))
 
 
 def test_sigterm_puts_the_job_back_in_the_queue_and_it_resumes_from_the_preemption_checkpoint(
