@@ -6,7 +6,6 @@ Dependencies that do no I/O are `async def`: FastAPI runs sync ones in the threa
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -15,6 +14,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from langadapt.api.streams import DatabaseSlots
+from langadapt.jobs import quotas
 from langadapt.jobs.errors import ServiceError
 from langadapt.jobs.models import Team
 from langadapt.jobs.runtime import Services
@@ -86,17 +86,29 @@ def _team_of(session: Session, *, key: str) -> Team:
     return team
 
 
-def current_team(credentials: Credentials, session: SessionDep) -> Team:
-    return _team_of(session, key=_api_key(credentials))
+def current_team(request: Request, credentials: Credentials, session: SessionDep, settings: SettingsDep) -> Team:
+    """The team of the request's API key; a POST counts toward the team's rate limit (`jobs/quotas.py`)."""
+    team = _team_of(session, key=_api_key(credentials))
+    if request.method == "POST":
+        quotas.count_post(session, settings, team.id)
+    return team
 
 
 CurrentTeam = Annotated[Team, Depends(current_team)]
 
 
 async def team_before_body(credentials: Credentials, services: ServicesDep, slots: SlotsDep) -> Team:
-    """`current_team` for routes that read a long body themselves (uploads): checked before a byte of it is
-    read, with a session of its own that is closed at once (nothing is held while the body arrives)."""
-    return await slots.run(services.sessions, partial(_team_of, key=_api_key(credentials)))
+    """`current_team` for POSTs that read a long body themselves (uploads): checked (and counted toward the rate
+    limit) before a byte of it is read, with a session of its own that is closed at once (nothing is held while
+    the body arrives)."""
+    key = _api_key(credentials)
+
+    def counted(session: Session) -> Team:
+        team = _team_of(session, key=key)
+        quotas.count_post(session, services.settings, team.id)
+        return team
+
+    return await slots.run(services.sessions, counted)
 
 
 TeamBeforeBody = Annotated[Team, Depends(team_before_body)]

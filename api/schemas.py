@@ -12,6 +12,7 @@ from langadapt.core.adaptation.train.plan import TrainingPlan
 
 if TYPE_CHECKING:  # only the `of` constructors use the rows: the client imports these schemas without SQLAlchemy
     from langadapt.jobs.models import Artifact, File, Job, JobAttempt, JobEvent, Score
+    from langadapt.jobs.quotas import Usage, Use
 
 
 class ErrorDetail(BaseModel):
@@ -354,6 +355,39 @@ class WebhookDeliveriesPublic(BaseModel):
     next: None = None
 
 
+class LimitUse(BaseModel):
+    used: int
+    limit: int
+    source: Literal["default", "team"] = Field(description="the server's default, or the team's own limit")
+
+    @classmethod
+    def of(cls, use: Use) -> LimitUse:
+        return cls(used=use.used, limit=use.limit.value, source=use.limit.source)
+
+
+class UsagePublic(BaseModel):
+    object: Literal["usage"] = "usage"
+    running_jobs: LimitUse = Field(description="jobs running (or cancelling); more wait queued, no 429")
+    queued_jobs: LimitUse = Field(description="jobs queued; a submit beyond is a 429 `quota_queued_jobs`")
+    stored_bytes: LimitUse = Field(
+        description="uploads plus the jobs' artifacts; beyond, an upload or submit is a 429 `quota_stored_bytes`"
+    )
+    post_rate: LimitUse = Field(description="POST requests under /v1 in the current window (429 `rate_limited`)")
+    window_s: int = Field(description="length of the POST rate window")
+    window_resets_in_s: int = Field(description="seconds until the current window ends and its count restarts")
+
+    @classmethod
+    def of(cls, usage: Usage) -> UsagePublic:
+        return cls(
+            running_jobs=LimitUse.of(usage.running_jobs),
+            queued_jobs=LimitUse.of(usage.queued_jobs),
+            stored_bytes=LimitUse.of(usage.stored_bytes),
+            post_rate=LimitUse.of(usage.post_rate),
+            window_s=usage.window_s,
+            window_resets_in_s=usage.window_resets_in_s,
+        )
+
+
 _ERRORS = {
     400: "bad request",
     401: "missing or invalid API key",
@@ -361,6 +395,7 @@ _ERRORS = {
     409: "conflicts with the resource's state or an earlier request",
     413: "upload too large",
     422: "invalid request; `param` names the field",
+    429: "over a team quota or the POST rate limit: `code` names it; retry after `Retry-After` seconds",
     503: "a dependency (database, storage) is unavailable; retry",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

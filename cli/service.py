@@ -1,4 +1,4 @@
-"""Service commands: `serve` (API + workers), `worker`, `db upgrade`, `admin create-team`."""
+"""Service commands: `serve` (API + workers), `worker`, `db upgrade`, `admin create-team` (keys, quotas)."""
 
 from __future__ import annotations
 
@@ -253,6 +253,63 @@ def revoke_key(args: argparse.Namespace) -> None:
     _admin(action)
 
 
+QUOTA_OPTIONS = {
+    "running_jobs": "jobs running at once",
+    "queued_jobs": "queued jobs",
+    "stored_bytes": "stored bytes",
+    "post_rate": "POST requests per rate window",
+}
+
+
+def _quota_report(session: Session, team_name: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from langadapt.jobs import quotas, teams
+
+    team = teams.team_by_name(session=session, name=team_name)
+    limits = quotas.team_limits(session, Settings(), team.id)
+    return {"team_id": team.id, "team": team.name, "limits": {name: asdict(limit) for name, limit in limits.items()}}
+
+
+def quota_show(args: argparse.Namespace) -> None:
+    _admin(lambda session: _quota_report(session, args.team))
+
+
+def quota_set(args: argparse.Namespace) -> None:
+    from langadapt.jobs import quotas, teams
+
+    values = {name: getattr(args, name) for name in QUOTA_OPTIONS if getattr(args, name) is not None}
+    if not values:
+        raise SystemExit(f"langadapt: error: give at least one of {', '.join(_flag(n) for n in QUOTA_OPTIONS)}")
+
+    def action(session: Session) -> dict[str, Any]:
+        quotas.set_team_limits(session, teams.team_by_name(session=session, name=args.team).id, values)
+        return _quota_report(session, args.team)
+
+    _admin(action)
+
+
+def quota_clear(args: argparse.Namespace) -> None:
+    from langadapt.jobs import quotas, teams
+
+    def action(session: Session) -> dict[str, Any]:
+        quotas.clear_team_limits(session, teams.team_by_name(session=session, name=args.team).id)
+        return _quota_report(session, args.team)
+
+    _admin(action)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("serve", help="run the REST API (embedded defaults: also the workers)")
     run.add_argument("--host", default="127.0.0.1")
@@ -276,7 +333,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     db_cmds = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     db_cmds.add_parser("upgrade", help="apply the Alembic migrations").set_defaults(handler=db_upgrade)
 
-    admin = commands.add_parser("admin", help="teams and API keys")
+    admin = commands.add_parser("admin", help="teams, API keys and quotas")
     admin_cmds = admin.add_subparsers(dest="admin_command", required=True, metavar="COMMAND")
     team = admin_cmds.add_parser("create-team", help="create a team and print its first API key")
     team.add_argument("name")
@@ -290,3 +347,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     revoke = admin_cmds.add_parser("revoke-key", help="revoke an API key at once")
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=revoke_key)
+    quota = admin_cmds.add_parser("quota", help="a team's own limits (defaults: the LANGADAPT_QUOTA_* settings)")
+    quota_cmds = quota.add_subparsers(dest="quota_command", required=True, metavar="COMMAND")
+    show = quota_cmds.add_parser("show", help="a team's limits and where each comes from (default or team)")
+    show.add_argument("team", help="team name")
+    show.set_defaults(handler=quota_show)
+    set_ = quota_cmds.add_parser("set", help="override some of a team's limits (the others stay as they are)")
+    set_.add_argument("team", help="team name")
+    for name, what in QUOTA_OPTIONS.items():
+        set_.add_argument(_flag(name), dest=name, type=_positive, metavar="N", help=what)
+    set_.set_defaults(handler=quota_set)
+    clear = quota_cmds.add_parser("clear", help="back to the defaults for all of a team's limits")
+    clear.add_argument("team", help="team name")
+    clear.set_defaults(handler=quota_clear)

@@ -97,6 +97,7 @@ def run_attempt(
     checkpoint_kept = checkpoints.close()  # an interrupted CPT's newest checkpoint is in storage
     if error is not None:
         events.message(f"failed: {error.message}", level="error", stage=error.stage)
+    events.flush(FINISH_RETRY_S)  # what the attempt reported lands before its outcome
     status = _finish(sessions, job.id, worker, outcome, error, settings.retry_backoff_s)
     if checkpoint_kept:  # completed stages and the checkpoint are in storage, where a retry restores them from
         shutil.rmtree(run_dir, ignore_errors=True)

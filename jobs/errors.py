@@ -43,3 +43,14 @@ class TooLarge(ServiceError):
 class Unavailable(ServiceError):
     status = 503
     code = "service_unavailable"
+
+
+class TooMany(ServiceError):
+    """Over a team's quota or rate limit: the code names the limit, `Retry-After` says when to try again."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after

@@ -8,16 +8,15 @@ Each function is one short transaction, so the job row is always current for pol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from langadapt.jobs import retries
-from langadapt.jobs.models import Artifact, AttemptOutcome, Job, JobEvent, JobStatus, Score, WorkerBeat, utcnow
-
-ACTIVE = (JobStatus.running, JobStatus.cancelling)
+from langadapt.jobs import quotas, retries
+from langadapt.jobs.models import ACTIVE, Artifact, AttemptOutcome, Job, JobEvent, JobStatus, Score, WorkerBeat, utcnow
+from langadapt.jobs.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -28,9 +27,20 @@ class JobError:
     kind: str  # user | system
 
 
-def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
-    """queued -> running for this worker; None when the job is not queued (cancelled, already taken, missing)."""
-    now = utcnow()
+def claim_job(session: Session, job_id: str, worker: str, settings: Settings) -> Job | None:
+    """queued -> running for this worker; None when the job is not queued (cancelled, already taken, missing) or its
+    team runs its limit of jobs already: then it stays queued, undispatched until `quota_hold_s` from now, and the
+    reaper sends it again. The team's row is locked, so concurrent workers cannot both take its last place."""
+    team_id = session.scalar(select(Job.team_id).where(Job.id == job_id, Job.status == JobStatus.queued))
+    if team_id is None:
+        session.rollback()
+        return None
+    quotas.lock_team(session, team_id)
+    limit = quotas.running_limit_reached(session, settings, team_id)
+    now = utcnow()  # after the count: a job that ended to make room has its finished_at before this started_at
+    if limit is not None:
+        _hold(session, job_id, limit, not_before=now + timedelta(seconds=settings.quota_hold_s))
+        return None
     claimed = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued)
@@ -38,6 +48,18 @@ def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
     ).rowcount
     session.commit()
     return session.get(Job, job_id) if claimed else None
+
+
+def _hold(session: Session, job_id: str, limit: int, *, not_before: datetime) -> None:
+    held = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(dispatched_at=None, not_before=not_before, updated_at=utcnow())
+    ).rowcount
+    message = f"waiting: team at its running-jobs quota ({limit})"
+    if held and not session.scalar(select(exists().where(JobEvent.job_id == job_id, JobEvent.message == message))):
+        session.add(JobEvent(job_id=job_id, type="message", message=message))
+    session.commit()
 
 
 def heartbeat(session: Session, job_id: str, worker: str) -> bool:
@@ -61,17 +83,40 @@ def add_event(
     level: str = "info",
     data: dict[str, Any] | None = None,
 ) -> None:
-    session.add(JobEvent(job_id=job_id, type=type, message=message, stage=stage, level=level, data=data))
+    """Append an event to the job's log and commit."""
+    append_event(session, job_id, type=type, message=message, stage=stage, level=level, data=data)
     session.commit()
 
 
+def append_event(
+    session: Session,
+    job_id: str,
+    *,
+    type: str,
+    message: str = "",
+    stage: str | None = None,
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+    ts: datetime | None = None,
+) -> None:
+    """Append an event in the caller's transaction. The job row is locked first, so one job's events commit in the
+    order of their ids: a reader paging with `after` (event streams) never passes an id whose event, taken by a
+    concurrent writer, is still uncommitted. (SQLite serialises writers anyway.)"""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+    row = JobEvent(job_id=job_id, type=type, message=message, stage=stage, level=level, data=data)
+    if ts is not None:
+        row.ts = ts
+    session.add(row)
+    session.flush()
+
+
 def set_stage(session: Session, job_id: str, stage: str) -> None:
+    """The stage now running (in the caller's transaction)."""
     session.execute(
         update(Job)
         .where(Job.id == job_id)
         .values(stage=stage, progress_step=None, progress_total=None, eta_s=None, updated_at=utcnow())
     )
-    session.commit()
 
 
 def set_progress(
@@ -83,19 +128,18 @@ def set_progress(
     eta_s: float | None,
     cpt_tokens_per_s: float | None = None,
 ) -> None:
+    """The running stage's progress (in the caller's transaction)."""
     values: dict[str, Any] = {"progress_step": step, "progress_total": total, "eta_s": eta_s}
     if cpt_tokens_per_s is not None:
         values["cpt_tokens_per_s"] = cpt_tokens_per_s
     session.execute(update(Job).where(Job.id == job_id).values(**values))
-    session.commit()
 
 
 def record_stage_seconds(session: Session, job_id: str, stage: str, seconds: float) -> None:
-    """A completed stage's duration on the job row (metrics read them from there); one writer per job."""
+    """A completed stage's duration on the job row (in the caller's transaction; metrics read them from there)."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is not None:
         job.stage_seconds = {**(job.stage_seconds or {}), stage: seconds}
-        session.commit()
 
 
 def record_artifacts(session: Session, job_id: str, entries: list[Artifact]) -> None:
@@ -163,18 +207,20 @@ def reap_stale(session: Session, timeout_s: float, backoff_s: float) -> list[str
 
 
 def undispatched(session: Session, older_than_s: float) -> list[str]:
-    """Queued jobs to send (again): the broker never took them (it was down at submit or retry time), or they were
-    held back until `not_before`, which has passed."""
+    """Queued jobs to send (again), oldest first: the broker never took them (it was down at submit or retry time),
+    or they were held back until `not_before`, which has passed."""
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_s)
     return list(
         session.scalars(
-            select(Job.id).where(
+            select(Job.id)
+            .where(
                 Job.status == JobStatus.queued,
                 Job.dispatched_at.is_(None),
                 or_(Job.not_before.is_(None), Job.not_before <= now),
                 or_(Job.not_before.is_not(None), Job.updated_at < cutoff),
             )
+            .order_by(Job.id)
         )
     )
 

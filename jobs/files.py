@@ -16,8 +16,9 @@ from sqlalchemy.orm import Session
 
 from langadapt.core.adaptation.corpus import corpus_stats
 from langadapt.core.adaptation.errors import AdaptationInputError
+from langadapt.jobs import quotas
 from langadapt.jobs.errors import Invalid, TooLarge, Unavailable
-from langadapt.jobs.layout import file_key
+from langadapt.jobs.layout import file_key, file_prefix
 from langadapt.jobs.models import File, Team, new_id
 from langadapt.jobs.settings import Settings
 from langadapt.jobs.storage import ArtifactStore, StorageError
@@ -76,14 +77,17 @@ def store_upload(*, store: ArtifactStore, settings: Settings, team: Team, filena
     return row
 
 
-def record_upload(session: Session, *, store: ArtifactStore, row: File) -> File:
-    """Commit a stored upload's row; the stored object is removed again if that fails."""
+def record_upload(session: Session, *, store: ArtifactStore, settings: Settings, row: File) -> File:
+    """Commit a stored upload's row within the team's stored-bytes quota; the stored object is removed again if
+    that fails (a 429 too)."""
     try:
+        quotas.lock_team(session, row.team_id)
+        quotas.check_upload(session, settings, row.team_id, row.bytes)
         session.add(row)
         session.commit()
     except BaseException:
         session.rollback()
-        store.delete_prefix(row.storage_key)
+        store.delete_prefix(file_prefix(row.team_id, row.id))
         raise
     return row
 

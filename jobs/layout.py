@@ -7,8 +7,12 @@ def team_prefix(team_id: str) -> str:
     return f"teams/{team_id}/"
 
 
+def file_prefix(team_id: str, file_id: str) -> str:
+    return f"{team_prefix(team_id)}files/{file_id}/"
+
+
 def file_key(team_id: str, file_id: str, suffix: str) -> str:
-    return f"{team_prefix(team_id)}files/{file_id}/corpus{suffix}"
+    return f"{file_prefix(team_id, file_id)}corpus{suffix}"
 
 
 def job_prefix(team_id: str, job_id: str) -> str:

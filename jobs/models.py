@@ -76,6 +76,7 @@ class JobStatus(enum.StrEnum):
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 RETRYABLE = frozenset({JobStatus.failed, JobStatus.cancelled})
+ACTIVE = (JobStatus.running, JobStatus.cancelling)  # a worker owns the job
 
 
 class AttemptOutcome(enum.StrEnum):
@@ -92,6 +93,27 @@ class Team(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("team"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class TeamQuota(Base):
+    """A team's own limits (`jobs/quotas.py`); a NULL column takes the setting's default."""
+
+    __tablename__ = "team_quotas"
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    running_jobs: Mapped[int | None] = mapped_column(Integer)
+    queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    post_rate: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class PostCount(Base):
+    """POST requests a team made in one fixed rate window (shared by every API process)."""
+
+    __tablename__ = "post_counts"
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # Unix seconds
+    count: Mapped[int] = mapped_column(Integer)
 
 
 class ApiKey(Base):

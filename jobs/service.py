@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from langadapt.core.adaptation.task_names import MERA_TASKS
 from langadapt.core.adaptation.train.plan import TrainingPlan
-from langadapt.jobs import webhooks
+from langadapt.jobs import quotas, webhooks
 from langadapt.jobs.catalogue import check_model_reference
 from langadapt.jobs.errors import Conflict, Invalid, NotFound
 from langadapt.jobs.limits import check_limits
@@ -63,7 +63,8 @@ def create_job(
     request: JobRequest,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
-    """Insert a queued job; returns (job, created). A replayed Idempotency-Key returns the original job."""
+    """Insert a queued job; returns (job, created). A replayed Idempotency-Key returns the original job, even when
+    the team is at a quota; a new job within the team's queued-jobs and stored-bytes quotas (429 beyond)."""
     fingerprint = request.fingerprint()
     if idempotency_key is not None:
         existing = _by_idempotency_key(session, team, idempotency_key)
@@ -73,6 +74,12 @@ def create_job(
     if request.resources.strategy is None and request.resources.gpus > 1:  # written out, as other derived defaults
         strategy = plan.strategy if plan is not None and plan.strategy != "single" else "fsdp2"
         request = request.model_copy(update={"resources": request.resources.model_copy(update={"strategy": strategy})})
+    quotas.lock_team(session, team.id)
+    if idempotency_key is not None:  # a request with this key may have committed while this one was validated
+        existing = _by_idempotency_key(session, team, idempotency_key)
+        if existing is not None:
+            return _replay(existing, fingerprint), False
+    quotas.check_submit(session, settings, team.id)
     job = Job(
         team_id=team.id,
         status=JobStatus.queued,

@@ -111,6 +111,25 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(10.0, gt=0, description="first retry delay; doubles per attempt (max 1 h)")
     webhook_poll_s: float = Field(2.0, gt=0, description="how often the maintenance worker sends due deliveries")
 
+    # Per-team quotas (jobs/quotas.py); a team's row in `team_quotas` overrides each (`langadapt admin quota set`).
+    quota_running_jobs: int = Field(
+        8, gt=0, description="a team's jobs running at once; more stay queued until one ends (no 429)"
+    )
+    quota_queued_jobs: int = Field(1000, gt=0, description="a team's queued jobs; a submit beyond is a 429")
+    quota_stored_bytes: int = Field(
+        2 << 40, gt=0, description="a team's uploads plus its jobs' artifacts; an upload or submit beyond is a 429"
+    )
+    quota_post_rate: int = Field(
+        1200, gt=0, description="POST requests under /v1 per team per rate window (idempotent replays included)"
+    )
+    quota_rate_window_s: int = Field(60, gt=0, description="length of the fixed window the POST rate is counted in")
+    quota_retry_after_s: int = Field(
+        30, gt=0, description="Retry-After of a 429 for queued jobs or stored bytes (the rate's: the window's rest)"
+    )
+    quota_hold_s: float = Field(
+        10.0, gt=0, description="how long a job of a team at its running-jobs quota waits before it is sent again"
+    )
+
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
         if self.environment == "production":

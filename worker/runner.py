@@ -58,12 +58,12 @@ class Monitor(threading.Thread):
 
 
 def run_job(services: Services, job_id: str) -> JobStatus | None:
-    """Run a queued job to a terminal status; None when it was not queued (cancelled, taken, unknown)."""
+    """Run a queued job to a terminal status; None when it was not started (not queued, or held by a quota)."""
     worker = worker_name()
     with services.sessions() as session:
-        job = execution.claim_job(session, job_id, worker)
+        job = execution.claim_job(session, job_id, worker, services.settings)
     if job is None:
-        log.info("job %s is not queued: skipped", job_id)
+        log.info("job %s is not queued, or its team runs its quota of jobs: not started", job_id)
         return None
     log.info("job %s: attempt %d on %s", job.id, job.attempt, worker)
     monitor = Monitor(services.sessions, job.id, worker, services.settings.heartbeat_interval_s)

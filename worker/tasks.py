@@ -9,7 +9,7 @@ from functools import cache
 from celery import Task
 from celery.signals import worker_shutting_down
 
-from langadapt.jobs import execution, webhooks
+from langadapt.jobs import execution, quotas, webhooks
 from langadapt.jobs.queue import DELIVER_WEBHOOKS, REAP, RUN_JOB, dispatch
 from langadapt.jobs.runtime import Services, build_services
 from langadapt.worker.app import app, settings
@@ -68,15 +68,13 @@ def run_job(self: Task, job_id: str) -> int | None:
 @app.task(name=REAP)
 def reap() -> dict[str, list[str]]:
     """End the attempts of jobs whose worker died (retried while they have attempts left); send queued jobs that
-    are due (a retry's backoff passed) or that the broker never took."""
+    are due (a retry's backoff passed, a team's place came free: as many of a team's as it has running places
+    free) or that the broker never took."""
     current = services()
     with current.sessions() as session:
         reaped = execution.reap_stale(session, settings.heartbeat_timeout_s, settings.retry_backoff_s)
-        resent = [
-            job_id
-            for job_id in execution.undispatched(session, UNDISPATCHED_GRACE_S)
-            if dispatch(session, app, job_id, settings)
-        ]
+        due = quotas.with_room_to_run(session, settings, execution.undispatched(session, UNDISPATCHED_GRACE_S))
+        resent = [job_id for job_id in due if dispatch(session, app, job_id, settings)]
     if reaped or resent:
         log.warning("reaper: worker lost for %s, dispatched %s", reaped, resent)
     return {"reaped": reaped, "redispatched": resent}

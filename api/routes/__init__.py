@@ -1,6 +1,6 @@
 """One router per resource; each carries its full path prefix (`/v1/...`, health at the root)."""
 
-from langadapt.api.routes import artifacts, files, health, jobs, models, results, webhooks
+from langadapt.api.routes import artifacts, files, health, jobs, models, results, usage, webhooks
 
 ROUTERS = [
     health.router,
@@ -10,4 +10,5 @@ ROUTERS = [
     results.router,
     models.router,
     webhooks.router,
+    usage.router,
 ]

@@ -74,7 +74,7 @@ async def create_file(
         )
     finally:
         await form.close()
-    row = await slots.run(services.sessions, partial(record_upload, store=services.store, row=row))
+    row = await slots.run(services.sessions, partial(record_upload, store=services.store, settings=settings, row=row))
     return FilePublic.of(row)
 
 

@@ -22,7 +22,7 @@ def record_finished_job(settings, job_id: str) -> None:
     """What a worker records for a job that ran: stage events, CPT metrics, scores, success."""
     engine = make_engine(settings.database)
     with session_scope(make_sessionmaker(engine)) as session:
-        execution.claim_job(session, job_id, "test-worker")
+        execution.claim_job(session, job_id, "test-worker", settings)
         for stage, seconds in (("tokenizer", 1.5), ("init", 0.5), ("cpt", 12.0), ("evaluate", 3.0)):
             execution.set_stage(session, job_id, stage)
             execution.add_event(session, job_id, type="stage", stage=stage, message="started")
@@ -45,7 +45,7 @@ def record_finished_job(settings, job_id: str) -> None:
 def start_running_job(settings, job_id: str) -> None:
     engine = make_engine(settings.database)
     with session_scope(make_sessionmaker(engine)) as session:
-        execution.claim_job(session, job_id, "test-worker")
+        execution.claim_job(session, job_id, "test-worker", settings)
         execution.set_stage(session, job_id, "cpt")
         execution.set_progress(session, job_id, step=3, total=10, eta_s=20.0)
     engine.dispose()

@@ -74,7 +74,7 @@ def test_finished_jobs_replace_the_seed_with_measured_throughput(client, auth, f
     for rate in (100.0, 300.0, 200.0):  # three jobs whose CPT reported these rates, as a worker records them
         job_id = client.post("/v1/jobs", headers=auth, json=body).json()["id"]
         with session_scope(make_sessionmaker(engine)) as session:
-            execution.claim_job(session, job_id, "test-worker")
+            execution.claim_job(session, job_id, "test-worker", settings)
             execution.set_progress(session, job_id, step=6, total=6, eta_s=0.0, cpt_tokens_per_s=rate)
             execution.finish_job(session, job_id, "test-worker", JobStatus.succeeded)
     engine.dispose()

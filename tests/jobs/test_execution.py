@@ -11,6 +11,9 @@ from langadapt.jobs import execution
 from langadapt.jobs.db import make_engine, make_sessionmaker, upgrade
 from langadapt.jobs.models import AttemptOutcome, File, Job, JobEvent, JobStatus, Team, utcnow
 from langadapt.jobs.results import job_scores
+from langadapt.jobs.settings import Settings
+
+SETTINGS = Settings(_env_file=None)
 
 
 @pytest.fixture
@@ -56,14 +59,14 @@ def _age_heartbeat(sessions, job_id: str, seconds: float) -> None:
 
 def test_a_job_is_claimed_once(sessions, job_id) -> None:
     with sessions() as session:
-        assert execution.claim_job(session, job_id, "w1").status == JobStatus.running
-        assert execution.claim_job(session, job_id, "w2") is None
-        assert execution.claim_job(session, "job_missing", "w2") is None
+        assert execution.claim_job(session, job_id, "w1", SETTINGS).status == JobStatus.running
+        assert execution.claim_job(session, job_id, "w2", SETTINGS) is None
+        assert execution.claim_job(session, "job_missing", "w2", SETTINGS) is None
 
 
 def test_heartbeat_reports_cancel_and_lost_ownership(sessions, job_id) -> None:
     with sessions() as session:
-        execution.claim_job(session, job_id, "w1")
+        execution.claim_job(session, job_id, "w1", SETTINGS)
         assert execution.heartbeat(session, job_id, "w1") is False
         assert execution.heartbeat(session, job_id, "w2") is True  # not its job: stop
         session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
@@ -74,7 +77,7 @@ def test_heartbeat_reports_cancel_and_lost_ownership(sessions, job_id) -> None:
 def test_only_the_owner_finishes_a_job(sessions, job_id) -> None:
     error = execution.JobError("invalid_corpus", "bad", "inputs", "user")
     with sessions() as session:
-        execution.claim_job(session, job_id, "w1")
+        execution.claim_job(session, job_id, "w1", SETTINGS)
         assert not execution.finish_job(session, job_id, "w2", AttemptOutcome.failed, error)
         assert execution.finish_job(session, job_id, "w1", AttemptOutcome.failed, error) == JobStatus.failed
         assert not execution.finish_job(session, job_id, "w1", AttemptOutcome.succeeded)  # already terminal
@@ -97,7 +100,7 @@ def test_a_system_failure_is_retried_with_backoff_until_the_attempts_run_out(ses
     delays = []
     for attempt in (1, 2, 3):
         with sessions() as session:
-            job = execution.claim_job(session, job_id, f"w{attempt}")
+            job = execution.claim_job(session, job_id, f"w{attempt}", SETTINGS)
             assert job is not None and job.attempt == attempt
             before = utcnow()
             status = execution.finish_job(session, job_id, f"w{attempt}", AttemptOutcome.failed, error, backoff_s=10)
@@ -124,14 +127,14 @@ def test_a_system_failure_is_retried_with_backoff_until_the_attempts_run_out(ses
 
 def test_a_preempted_attempt_is_queued_again_without_using_up_an_attempt(sessions, job_id) -> None:
     with sessions() as session:
-        execution.claim_job(session, job_id, "w1")
+        execution.claim_job(session, job_id, "w1", SETTINGS)
         assert execution.finish_job(session, job_id, "w1", AttemptOutcome.preempted) == JobStatus.queued
         job = session.get(Job, job_id, populate_existing=True)
         assert (job.status, job.attempt, job.system_failures, job.dispatched_at) == ("queued", 2, 0, None)
         assert job.not_before <= utcnow()  # due at once: the reaper sends it at its next round
         assert [(a.attempt, a.outcome) for a in job.attempts] == [(1, "preempted")]
         # A cancel asked meanwhile wins over the preemption.
-        execution.claim_job(session, job_id, "w2")
+        execution.claim_job(session, job_id, "w2", SETTINGS)
         session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling))
         session.commit()
         assert execution.finish_job(session, job_id, "w2", AttemptOutcome.preempted) == JobStatus.cancelled
@@ -141,8 +144,9 @@ def test_reaper_retries_jobs_whose_worker_went_silent(sessions, job_id) -> None:
     with sessions() as session:
         session.execute(update(Job).where(Job.id == job_id).values(max_attempts=2))
         session.commit()
-        execution.claim_job(session, job_id, "w1")
+        execution.claim_job(session, job_id, "w1", SETTINGS)
         execution.set_stage(session, job_id, "cpt")
+        session.commit()
     _age_heartbeat(sessions, job_id, 30)
     with sessions() as session:
         assert execution.reap_stale(session, 60, 5) == []  # still fresh enough
@@ -157,7 +161,7 @@ def test_reaper_retries_jobs_whose_worker_went_silent(sessions, job_id) -> None:
         # The dead worker cannot overwrite the reaper's verdict if it comes back.
         assert not execution.finish_job(session, job_id, "w1", AttemptOutcome.succeeded)
     with sessions() as session:  # the second attempt's worker dies too: its last allowed attempt
-        execution.claim_job(session, job_id, "w2")
+        execution.claim_job(session, job_id, "w2", SETTINGS)
     _age_heartbeat(sessions, job_id, 90)
     with sessions() as session:
         assert execution.reap_stale(session, 60, 5) == [job_id]
@@ -173,7 +177,7 @@ def test_reaper_retries_jobs_whose_worker_went_silent(sessions, job_id) -> None:
 
 def test_reaper_completes_a_cancel_whose_worker_died(sessions, job_id) -> None:
     with sessions() as session:
-        execution.claim_job(session, job_id, "w1")
+        execution.claim_job(session, job_id, "w1", SETTINGS)
         session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling))
         session.commit()
     _age_heartbeat(sessions, job_id, 300)

@@ -61,6 +61,9 @@ def test_every_route_hides_other_teams_resources(client, auth, settings, model_r
                 assert response.json()["error"]["code"].endswith("not_found")
             mine = client.request(method, path, headers=auth)
             assert mine.status_code != 404 or method == "GET" and "artifacts/" in path, (method, path)
+        elif path == "/v1/usage":  # the other team's own use: none of this team's jobs and bytes
+            usage = response.json()
+            assert [usage[name]["used"] for name in ("running_jobs", "queued_jobs", "stored_bytes")] == [0, 0, 0]
         elif method == "GET":
             assert response.status_code == 200, (method, path)
             assert response.json() == {"data": [], "next": None}, (method, path)

@@ -27,7 +27,7 @@ def test_stage_durations_throughput_and_queue_wait(client, auth, files, model_ro
     engine = make_engine(settings.database)
     sessions = make_sessionmaker(engine)
     with sessions() as session:
-        execution.claim_job(session, job_id, "test-worker")
+        execution.claim_job(session, job_id, "test-worker", settings)
     record = JobEventRecorder(sessions, job_id)
     record(StageStarted("tokenizer"))
     record(StageDone("tokenizer", 2.0))

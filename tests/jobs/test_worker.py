@@ -143,6 +143,8 @@ def test_cancel_stops_cpt_and_retry_resumes_from_the_checkpoint(
     second = events[[e["message"] for e in events].index("retry requested") :]
     rerun = [e["stage"] for e in second if e["type"] == "stage" and e["message"] == "started"]
     assert "cpt" in rerun and not {"tokenizer", "init"} & set(rerun)
+    skipped = [e["stage"] for e in second if e["type"] == "stage" and e["message"] == "complete output found: skipped"]
+    assert skipped == ["tokenizer", "init"]  # restored from storage, and said so
 
 
 def test_a_model_in_the_service_bucket_is_fetched_by_the_worker(
