@@ -113,6 +113,7 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    artifacts_expired_at: datetime | None  # retention deleted its artifacts then (its scores stay)
     updated_at: datetime
 
     @classmethod
@@ -141,6 +142,7 @@ class JobPublic(BaseModel):
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            artifacts_expired_at=job.artifacts_expired_at,
             updated_at=job.updated_at,
         )
 
@@ -180,13 +182,21 @@ class EventsPublic(BaseModel):
 class ArtifactPublic(BaseModel):
     name: str
     kind: str
-    size: int
+    size: int  # of the complete file a download yields
     sha256: str
+    stored_bytes: int  # what it occupies in storage: a model file shares unchanged tensors with other models
     created_at: datetime
 
     @classmethod
     def of(cls, row: Artifact) -> ArtifactPublic:
-        return cls(name=row.name, kind=row.kind, size=row.size, sha256=row.sha256, created_at=row.created_at)
+        return cls(
+            name=row.name,
+            kind=row.kind,
+            size=row.size,
+            sha256=row.sha256,
+            stored_bytes=row.stored_bytes,
+            created_at=row.created_at,
+        )
 
 
 class ArtifactsPublic(BaseModel):

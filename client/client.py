@@ -158,6 +158,10 @@ class Jobs:
     def retry(self, job_id: str) -> JobPublic:
         return JobPublic.model_validate_json(self.t.request("POST", f"/v1/jobs/{job_id}/retry").content)
 
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job with everything it stored (its artifacts, checkpoints, events and scores)."""
+        self.t.request("DELETE", f"/v1/jobs/{job_id}")
+
     def events(self, job_id: str, *, follow: bool = False, after: int | None = None) -> Iterator[EventPublic]:
         """The job's events, oldest first. `follow`: a live stream (Server-Sent Events) that ends when the job
         does; a dropped connection is reopened with `Last-Event-ID`, so no event is lost or repeated."""

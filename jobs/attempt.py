@@ -23,7 +23,7 @@ from langadapt.core.adaptation.errors import AdaptationInputError, StageCancelle
 from langadapt.core.adaptation.events import EventSink, Message, StageStarted
 from langadapt.core.adaptation.spec import AdaptationSpec
 from langadapt.jobs import execution
-from langadapt.jobs.artifacts import JobArtifacts, local_model
+from langadapt.jobs.artifacts import JobArtifacts, input_files, local_model
 from langadapt.jobs.checkpoints import CheckpointSync
 from langadapt.jobs.files import fetch_file
 from langadapt.jobs.models import AttemptOutcome, File, Job, JobStatus
@@ -70,6 +70,8 @@ def run_attempt(
     outcome, error = AttemptOutcome.succeeded, None
     try:
         spec = _prepare(job, run_dir, settings, sessions, store, events)
+        refs = [ref for ref in (job.base_model, job.instruct_model) if ref]
+        artifacts.inputs = [file for ref in refs for file in input_files(settings, store, ref)]
         artifacts.restore_stages(run_dir)
         restored = checkpoints.restore()
         if restored is not None:

@@ -54,3 +54,8 @@ class TooMany(ServiceError):
     def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
+
+
+class Gone(ServiceError):
+    status = 410
+    code = "gone"

@@ -1,6 +1,9 @@
 """What a job will cost before it runs (`POST /v1/jobs?dry_run=true`): tokens and steps per stage, GPU minutes from
 the service's throughput table, artifact bytes, and (`payoff.py`) what the new vocabulary buys.
 
+Artifact bytes count what the job stores (`assembly.py`): a tensor is stored once per job, so after the first full
+model each stage adds only the tensors it changed (the instruct model's layers once for all variants).
+
 The throughput table: tokens/s per (base model, stage). Measured rows come from finished jobs of this service (the
 CPT loop's `tokens_per_s`, kept on the job row: the median over the latest succeeded jobs with the same base model
 and trainable set). Where nothing was measured yet, the seed is a FLOPs model: `gpu_tflops x mfu / FLOPs per token`
@@ -86,6 +89,7 @@ def estimate_stages(
     stages += [StageCost(f"propagate:{v}", None, None, 0.0, None, "cpu stage") for v in request.variants]
 
     calibrated = 0
+    calibrated_parameters = 0
     calibration = request.calibration
     if calibration.method != "none":
         forward = seed_rate(settings, adapted, trainable=None) if adapted is not None else None
@@ -100,6 +104,8 @@ def estimate_stages(
         names = ["calibrate"] if request.instruct_model is None else [f"calibrate:{v}" for v in request.variants]
         stages += [_costed(name, examples * sft.max_len * sft.epochs, steps, sft_rate) for name in names]
         calibrated = len(names)
+        if adapted is not None:
+            calibrated_parameters = calibrated * _calibrated(adapted, sft.trainable, sft.lora_r, sft.lora_layers)
 
     models = (2 if request.instruct_model is None else 1 + len(request.variants)) + calibrated
     eval_chars = models * len(request.evaluation.tasks) * request.evaluation.heldout_chars
@@ -109,10 +115,23 @@ def estimate_stages(
 
     artifact_bytes = None
     if adapted is not None:
-        saved_models = 2 + len(request.variants) + calibrated  # init, cpt, one per variant and calibration
-        artifact_bytes = saved_models * adapted.parameters * SAVED_BYTES_PER_PARAMETER
-        artifact_bytes += adapted.vocab_size * TOKENIZER_BYTES_PER_TOKEN
+        # init in full, then what CPT trained (its LoRA is kept apart, in `lora_adapter`)
+        stored = adapted.parameters + adapted.trained_parameters(cpt.trainable, cpt.lora_r)
+        if request.instruct_model is not None:  # the propagated layers once, each variant its own vocabulary
+            vocabulary = adapted.trained_parameters("embeddings+head", 0)
+            stored += adapted.parameters + (len(request.variants) - 1) * vocabulary
+        stored += calibrated_parameters
+        artifact_bytes = stored * SAVED_BYTES_PER_PARAMETER + adapted.vocab_size * TOKENIZER_BYTES_PER_TOKEN
     return stages, artifact_bytes
+
+
+def _calibrated(shape: ModelShape, trainable: str, lora_r: int, lora_layers: tuple[int, ...] | None) -> int:
+    """Parameters whose tensors calibration rewrites: what it trains, and for its LoRA (merged into the saved
+    model) every tensor of the layers it touched."""
+    if trainable != "lora+head":
+        return shape.trained_parameters(trainable, lora_r)
+    layers = shape.num_layers if lora_layers is None else len(set(lora_layers))
+    return shape.trained_parameters("embeddings+head", 0) + layers * shape.layer_parameters
 
 
 def _costed(stage: str, tokens: int, steps: int | None, rate: Rate | None) -> StageCost:

@@ -183,6 +183,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set when retention (or an admin) deleted the job's stored files; its row and scores stay.
+    artifacts_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
     labels: Mapped[list[JobLabel]] = relationship(
@@ -240,6 +242,9 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(600))
+    stored_bytes: Mapped[int] = mapped_column(BigInteger)  # what it occupies in storage (a recipe: its new tensors)
+    # A safetensors file kept as a recipe (jobs/assembly.py): storage_key holds only its new tensors.
+    recipe: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

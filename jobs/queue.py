@@ -19,6 +19,7 @@ from langadapt.jobs.settings import Settings
 RUN_JOB = "langadapt.run_job"
 REAP = "langadapt.reap"
 DELIVER_WEBHOOKS = "langadapt.deliver_webhooks"
+EXPIRE_ARTIFACTS = "langadapt.expire_artifacts"
 GPU = "gpu"  # queue roles; the queue names are `settings.queue(role)`
 MAINTENANCE = "maintenance"
 GPU_COUNTS = (1, 2, 4, 8)
@@ -48,18 +49,26 @@ def celery_app(settings: Settings) -> Celery:
             RUN_JOB: {"queue": settings.queue(GPU)},
             REAP: {"queue": settings.queue(MAINTENANCE)},
             DELIVER_WEBHOOKS: {"queue": settings.queue(MAINTENANCE)},
+            EXPIRE_ARTIFACTS: {"queue": settings.queue(MAINTENANCE)},
         },
         broker_transport_options=_transport_options(settings),
         broker_connection_timeout=5,
         broker_connection_retry_on_startup=True,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-        beat_schedule={
-            "reap-stale-jobs": {"task": REAP, "schedule": timedelta(seconds=settings.reaper_interval_s)},
-            "deliver-webhooks": {"task": DELIVER_WEBHOOKS, "schedule": timedelta(seconds=settings.webhook_poll_s)},
-        },
+        beat_schedule=_schedule(settings),
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def _schedule(settings: Settings) -> dict[str, dict[str, object]]:
+    every = {
+        "reap-stale-jobs": (REAP, settings.reaper_interval_s),
+        "deliver-webhooks": (DELIVER_WEBHOOKS, settings.webhook_poll_s),
+    }
+    if settings.artifact_retention_days is not None:
+        every["expire-artifacts"] = (EXPIRE_ARTIFACTS, settings.retention_interval_s)
+    return {name: {"task": task, "schedule": timedelta(seconds=period)} for name, (task, period) in every.items()}
 
 
 def _transport_options(settings: Settings) -> dict[str, int | str]:

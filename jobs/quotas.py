@@ -72,12 +72,11 @@ def jobs_in(session: Session, team_id: str, statuses: tuple[JobStatus, ...]) -> 
 
 
 def stored_bytes(session: Session, team_id: str) -> int:
-    """The team's uploads plus its jobs' artifacts."""
+    """The team's uploads plus what its jobs' artifacts occupy in storage (a model file stored as a delta counts
+    its new tensors only)."""
     uploads = session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.team_id == team_id))
-    # Artifact.size for now: the logical size. Delta-stored model stages (issue 15.4) store fewer bytes; their
-    # `Artifact.stored_bytes` is what this sum should take.
     artifacts = session.scalar(
-        select(func.coalesce(func.sum(Artifact.size), 0))
+        select(func.coalesce(func.sum(Artifact.stored_bytes), 0))
         .join(Job, Job.id == Artifact.job_id)
         .where(Job.team_id == team_id)
     )

@@ -8,6 +8,7 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from langadapt.jobs.assembly import Assembler
 from langadapt.jobs.db import make_engine, make_sessionmaker
 from langadapt.jobs.queue import celery_app
 from langadapt.jobs.settings import Settings
@@ -21,14 +22,17 @@ class Services:
     sessions: sessionmaker[Session]
     store: ArtifactStore
     celery: Celery  # a client: sends task names, never imports training code
+    assembler: Assembler  # model files kept as recipes; remembers which input models it verified
 
 
 def build_services(settings: Settings) -> Services:
     engine = make_engine(settings.database)
+    store = settings.open_store()
     return Services(
         settings=settings,
         engine=engine,
         sessions=make_sessionmaker(engine),
-        store=settings.open_store(),
+        store=store,
         celery=celery_app(settings),
+        assembler=Assembler(store),
     )

@@ -194,9 +194,11 @@ def retry_job(session: Session, team: Team, job_id: str) -> Job:
     """Re-queue a failed or cancelled job with a fresh budget of attempts; the worker skips the stages whose outputs
     are complete."""
     job = get_job(session, team, job_id)
+    if job.artifacts_expired_at is not None:
+        raise Conflict(f"job {job.id}'s stored files were deleted", code="artifacts_expired", param="job_id")
     changed = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status.in_(list(RETRYABLE)))
+        .where(Job.id == job.id, Job.status.in_(list(RETRYABLE)), Job.artifacts_expired_at.is_(None))
         .values(
             status=JobStatus.queued,
             attempt=Job.attempt + 1,

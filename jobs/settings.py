@@ -93,6 +93,10 @@ class Settings(BaseSettings):
         gt=0,
         description="how often a worker records that it is alive; /readyz wants a GPU worker's beat within 3 intervals",
     )
+    artifact_retention_days: float | None = Field(
+        None, gt=0, description="delete the stored files of jobs finished longer ago (scores stay); none: keep forever"
+    )
+    retention_interval_s: float = Field(3600.0, gt=0, description="how often the maintenance worker applies it")
     visibility_timeout_s: int = Field(7 * 24 * 3600, gt=0, description="above the longest job")
 
     # Dry-run estimates (jobs/estimate.py): the FLOPs model that seeds the throughput table (H100 SXM dense bf16).

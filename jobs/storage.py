@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlsplit
@@ -72,6 +72,7 @@ def _validate_prefix(prefix: str) -> str:
 class StoredObject:
     key: str
     size: int
+    version: str = field(default="", compare=False)  # from `stat`: changes when rewritten (S3 ETag, local mtime)
 
 
 class ArtifactStore(Protocol):
@@ -95,8 +96,11 @@ class ArtifactStore(Protocol):
     def iter_bytes(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """Stream an object; ObjectNotFound is raised by this call, before any chunk, so a response can still 404."""
 
+    def read_range(self, key: str, offset: int, length: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Stream `length` bytes from `offset`; ObjectNotFound is raised by this call, before any chunk."""
+
     def stat(self, key: str) -> StoredObject | None:
-        """The object's size, or None if missing."""
+        """The object's size and version, or None if missing."""
 
     def list(self, prefix: str) -> builtins.list[StoredObject]:
         """All objects under a folder prefix ("" for the whole store), recursively, sorted by key."""
@@ -183,14 +187,29 @@ class LocalStore:
         return self._chunks(self._open(key), chunk_size)
 
     @staticmethod
-    def _chunks(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+    def _chunks(f: BinaryIO, chunk_size: int, length: int | None = None) -> Iterator[bytes]:
+        """The file's bytes from where it stands, up to `length` (all when None)."""
         with f:
-            while chunk := f.read(chunk_size):
+            left = length
+            while left is None or left > 0:
+                chunk = f.read(chunk_size if left is None else min(chunk_size, left))
+                if not chunk:
+                    return
+                if left is not None:
+                    left -= len(chunk)
                 yield chunk
+
+    def read_range(self, key: str, offset: int, length: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        f = self._open(key)
+        f.seek(offset)
+        return self._chunks(f, chunk_size, length)
 
     def stat(self, key: str) -> StoredObject | None:
         path = self.local_path(key)
-        return None if path is None else StoredObject(key, os.path.getsize(path))
+        if path is None:
+            return None
+        info = os.stat(path)
+        return StoredObject(key, info.st_size, str(info.st_mtime_ns))
 
     def list(self, prefix: str) -> builtins.list[StoredObject]:
         base = self._path(_validate_prefix(prefix)) if prefix else self.root
@@ -330,6 +349,13 @@ class S3Store:
             response = self._client.get_object(self.bucket, self._name(key))
         return self._chunks(response, key, chunk_size)
 
+    def read_range(self, key: str, offset: int, length: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        if length == 0:
+            return iter(())
+        with _s3_errors(key):
+            response = self._client.get_object(self.bucket, self._name(key), offset=offset, length=length)
+        return self._chunks(response, key, chunk_size)
+
     @staticmethod
     def _chunks(response: urllib3.BaseHTTPResponse, key: str, chunk_size: int) -> Iterator[bytes]:
         try:
@@ -345,7 +371,7 @@ class S3Store:
                 info = self._client.stat_object(self.bucket, self._name(key))
         except ObjectNotFound:
             return None
-        return StoredObject(key, info.size or 0)
+        return StoredObject(key, info.size or 0, info.etag or "")
 
     def list(self, prefix: str) -> builtins.list[StoredObject]:
         folder = self._folder(prefix)

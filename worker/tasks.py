@@ -9,8 +9,8 @@ from functools import cache
 from celery import Task
 from celery.signals import worker_shutting_down
 
-from langadapt.jobs import execution, quotas, webhooks
-from langadapt.jobs.queue import DELIVER_WEBHOOKS, REAP, RUN_JOB, dispatch
+from langadapt.jobs import execution, quotas, retention, webhooks
+from langadapt.jobs.queue import DELIVER_WEBHOOKS, EXPIRE_ARTIFACTS, REAP, RUN_JOB, dispatch
 from langadapt.jobs.runtime import Services, build_services
 from langadapt.worker.app import app, settings
 from langadapt.worker.runner import DATABASE_UNAVAILABLE, job_process
@@ -84,3 +84,17 @@ def reap() -> dict[str, list[str]]:
 def deliver_webhooks() -> int:
     """Send the webhook deliveries that are due (first tries and retries whose backoff has passed)."""
     return webhooks.deliver_due(services().sessions, settings)
+
+
+@app.task(name=EXPIRE_ARTIFACTS, ignore_result=True)
+def expire_artifacts() -> list[str]:
+    """Delete the stored files of jobs finished longer ago than the retention period (scheduled only with one)."""
+    days = settings.artifact_retention_days
+    if days is None:
+        return []
+    current = services()
+    with current.sessions() as session:
+        expired = retention.expire_artifacts(session, current.store, days)
+    if expired:
+        log.info("retention: deleted the artifacts of %s", expired)
+    return expired

@@ -23,7 +23,7 @@ from langadapt.api.dashboard.session import (
     set_login_cookie,
     start_session,
 )
-from langadapt.api.deps import ServicesDep, SessionDep, SettingsDep, StoreDep
+from langadapt.api.deps import ServicesDep, SessionDep, SettingsDep
 from langadapt.api.routes.artifacts import artifact_response
 from langadapt.api.routes.pagination import parse_labels
 from langadapt.jobs import service
@@ -184,11 +184,10 @@ def download(
     name: str,
     signed: Signed,
     session: SessionDep,
-    store: StoreDep,
-    settings: SettingsDep,
+    services: ServicesDep,
 ) -> Response:
     job = service.get_job(session, signed.team, job_id)
-    return artifact_response(job, name, request, session, store, settings)
+    return artifact_response(job, name, request, session, services)
 
 
 @router.get("/results", response_class=HTMLResponse)

@@ -25,7 +25,7 @@ from langadapt.api.schemas import (
 )
 from langadapt.api.streams import EventWatcher, GatedStreamingResponse, StreamGate
 from langadapt.core.adaptation.config import INT64_MAX
-from langadapt.jobs import service
+from langadapt.jobs import retention, service
 from langadapt.jobs.errors import Invalid
 from langadapt.jobs.estimate import estimate_stages
 from langadapt.jobs.models import JobStatus, Team
@@ -106,6 +106,14 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic)
 def read_job(job_id: str, team: CurrentTeam, session: SessionDep) -> JobPublic:
     return JobPublic.of(service.get_job(session, team, job_id))
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
+def delete_job(job_id: str, team: CurrentTeam, session: SessionDep, store: StoreDep) -> Response:
+    """Delete a finished job with everything it stored (artifacts, checkpoints, events, scores). 409
+    `job_not_finished` while it is queued or running; 503 `storage_unavailable` (job kept) when storage fails."""
+    retention.delete_job(session, store, team, job_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

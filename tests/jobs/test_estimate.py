@@ -48,8 +48,10 @@ def test_dry_run_estimates_without_a_job_or_a_message(client, auth, files, model
     assert estimate["gpu_minutes"] == round(sum(s["gpu_minutes"] for s in estimate["stages"]), 2)
     config = json.loads((model_root / "instruct" / "config.json").read_text())
     vocab = config["vocab_size"]
-    params = ModelShape.from_hf_config(config).with_vocab(vocab + 300).parameters  # counts: tests/adaptation/test_plan
-    assert estimate["artifact_bytes"] == 2 * params * 4 + (vocab + 300) * 64  # init + cpt models, the tokenizer
+    shape = ModelShape.from_hf_config(config).with_vocab(vocab + 300)  # counts: tests/adaptation/test_plan
+    trained = shape.trained_parameters("embeddings+head", 0)
+    # init in full, of cpt only the tensors it trained (stored once per job: jobs/assembly.py), the tokenizer
+    assert estimate["artifact_bytes"] == (shape.parameters + trained) * 4 + (vocab + 300) * 64
 
     payoff = estimate["payoff"]  # an English byte-level tokenizer against Russian text: the new tokens pay
     assert payoff["cached"] is False and payoff["sample_chars"] > 50_000

@@ -88,6 +88,7 @@ def test_local_store_streams_artifacts_and_refuses_traversal(tmp_path, make_sett
                     name="evaluate/scores.json",
                     kind="eval_report",
                     size=6,
+                    stored_bytes=6,
                     sha256="s",
                     storage_key=f"teams/x/jobs/{job['id']}/artifacts/evaluate/scores.json",
                 )

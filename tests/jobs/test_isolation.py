@@ -34,6 +34,7 @@ def test_every_route_hides_other_teams_resources(client, auth, settings, model_r
                     name="evaluate/scores.json",
                     kind="eval_report",
                     size=2,
+                    stored_bytes=2,
                     sha256="x",
                     storage_key="teams/t/x",
                 )

@@ -105,6 +105,20 @@ def test_iter_bytes(store: ArtifactStore) -> None:
     assert all(len(c) <= 1000 for c in chunks)
 
 
+def test_read_range_and_version(store: ArtifactStore) -> None:
+    data = bytes(range(256)) * 40
+    store.put_bytes("a/b", data)
+    assert b"".join(store.read_range("a/b", 1000, 5000, chunk_size=333)) == data[1000:6000]
+    assert b"".join(store.read_range("a/b", 7, 0)) == b""
+    with pytest.raises(ObjectNotFound):
+        store.read_range("a/missing", 0, 1)  # raised by the call, before any chunk
+    first = store.stat("a/b")
+    time.sleep(0.01)
+    store.put_bytes("a/b", data[::-1])
+    second = store.stat("a/b")
+    assert first is not None and second is not None and first.version and first.version != second.version
+
+
 def test_missing_object(store: ArtifactStore, tmp_path: Path) -> None:
     store.put_bytes("x/present", b"1")
     with pytest.raises(ObjectNotFound):
