@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from langadapt.core.adaptation.train.plan import TrainingPlan
 
 if TYPE_CHECKING:  # only the `of` constructors use the rows: the client imports these schemas without SQLAlchemy
-    from langadapt.jobs.models import Artifact, File, Job, JobEvent, Score
+    from langadapt.jobs.models import Artifact, File, Job, JobAttempt, JobEvent, Score
     from langadapt.jobs.quotas import Usage, Use
 
 
@@ -66,6 +66,36 @@ class JobErrorPublic(BaseModel):
     kind: Literal["user", "system"]
 
 
+class AttemptPublic(BaseModel):
+    """An ended attempt of a job (the current one is the job itself)."""
+
+    attempt: int
+    outcome: Literal["succeeded", "failed", "cancelled", "preempted"]
+    worker: str | None
+    stage: str | None
+    error: JobErrorPublic | None
+    started_at: datetime | None
+    finished_at: datetime
+    retry_at: datetime | None = Field(description="when the next attempt may start: a retry's backoff")
+
+    @classmethod
+    def of(cls, row: JobAttempt) -> AttemptPublic:
+        error = None
+        if row.error_code is not None:
+            kind = row.error_kind or "system"
+            error = JobErrorPublic(code=row.error_code, message=row.error_message or "", stage=row.stage, kind=kind)  # type: ignore[arg-type]
+        return cls(
+            attempt=row.attempt,
+            outcome=row.outcome,  # type: ignore[arg-type]
+            worker=row.worker,
+            stage=row.stage,
+            error=error,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            retry_at=row.retry_at,
+        )
+
+
 class JobPublic(BaseModel):
     id: str
     object: Literal["job"] = "job"
@@ -73,6 +103,9 @@ class JobPublic(BaseModel):
     stage: str | None
     progress: Progress
     attempt: int
+    max_attempts: int = Field(description="attempts before a system failure is final (manual retry: a fresh budget)")
+    attempts: list[AttemptPublic] = Field(description="the ended attempts, oldest first")
+    not_before: datetime | None = Field(description="a queued job does not start before this (a retry's backoff)")
     request: dict[str, Any]
     plan: TrainingPlan | None  # how CPT runs (GPUs, DDP / FSDP2, micro-batch, memory per GPU); None: not planned
     labels: dict[str, str]
@@ -99,6 +132,9 @@ class JobPublic(BaseModel):
             stage=job.stage,
             progress=Progress(step=job.progress_step, total_steps=job.progress_total, eta_s=job.eta_s),
             attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            attempts=[AttemptPublic.of(row) for row in job.attempts],
+            not_before=job.not_before,
             request=job.request,
             plan=None if job.plan is None else TrainingPlan.model_validate(job.plan),
             labels={label.key: label.value for label in job.labels},
@@ -279,8 +315,14 @@ class EstimatePublic(BaseModel):
     payoff: PayoffEstimate | None
 
 
-WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage_completed"]
-WEBHOOK_EVENTS: tuple[str, ...] = ("job.succeeded", "job.failed", "job.cancelled", "job.stage_completed")
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage_completed", "job.retrying"]
+WEBHOOK_EVENTS: tuple[str, ...] = (
+    "job.succeeded",
+    "job.failed",
+    "job.cancelled",
+    "job.stage_completed",
+    "job.retrying",  # a system failure with attempts left: `job.failed` comes only when none are
+)
 
 
 class WebhookRequest(BaseModel):

@@ -1,10 +1,10 @@
 """A job's files in the artifact store, as the worker side needs them: completed stages published as they finish
-and restored before a retry elsewhere, the interrupted CPT's checkpoint, and models named by s3:// URIs.
+and restored before a retry elsewhere, and models named by s3:// URIs.
 
 Store layout under `layout.job_prefix(team, job)`: `artifacts/<stage dir>/<file>`, the job's `manifest.json`
 (every artifact with size and sha256), `tensors/<stage dir>/<file>.<sha>` (the new tensors of a `.safetensors`
-file, kept as a recipe on its row: `assembly.py`) and `checkpoints/` (an interrupted CPT's latest checkpoint,
-marker last). Torch-free: run directories are read through `core.adaptation.rundir`.
+file, kept as a recipe on its row: `assembly.py`) and `checkpoints/` (CPT's latest checkpoint: `checkpoints.py`).
+Torch-free: run directories are read through `core.adaptation.rundir`.
 """
 
 from __future__ import annotations
@@ -20,18 +20,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.manifest import MANIFEST, is_complete, read_manifest, sha256_file
-from langadapt.core.adaptation.rundir import CPT_WORK, TrainingDir, stage_dirname
+from langadapt.core.adaptation.rundir import stage_dirname
 from langadapt.jobs import execution, layout
 from langadapt.jobs.assembly import INPUT_FILE, INPUT_OBJECT, Assembler, InputFile, TensorIndex, split
 from langadapt.jobs.catalogue import allowed_path, catalogue, model_objects, store_key
 from langadapt.jobs.errors import ServiceError
 from langadapt.jobs.models import Artifact, Job
 from langadapt.jobs.settings import Settings
-from langadapt.jobs.storage import ArtifactStore, S3Store, StorageError
+from langadapt.jobs.storage import ArtifactStore, S3Store
 
 log = logging.getLogger("langadapt.jobs")
 
-CHECKPOINT_MARKER = "checkpoint.json"
 ARTIFACT_KINDS = {
     "tokenizer": "tokenizer",
     "init": "initialised_base",
@@ -44,8 +43,8 @@ ARTIFACT_KINDS = {
 
 
 class JobArtifacts:
-    """The store side of one job: `publish_stage` / `restore_stages`, and the CPT checkpoint kept for a retry.
-    `inputs` are the input models' safetensors files, whose tensors published models reference, not copy."""
+    """The store side of one job's completed stages: `publish_stage` / `restore_stages`. `inputs` are the input
+    models' safetensors files, whose tensors published models reference, not copy."""
 
     def __init__(self, store: ArtifactStore, sessions: sessionmaker[Session], job: Job) -> None:
         self.store, self.sessions, self.job = store, sessions, job
@@ -145,45 +144,6 @@ class JobArtifacts:
                     assembler.save(row.recipe, target)
                 except ServiceError as exc:
                     raise AdaptationInputError(f"stored stage {directory}: {exc.message}", exc.code) from exc
-
-    def save_checkpoint(self, run_dir: str) -> bool:
-        """Keep an interrupted CPT's latest checkpoint in storage, so a retry on any machine resumes it; False when
-        storage failed (then the local copy must stay for a retry here). The marker is written last."""
-        work = TrainingDir(os.path.join(run_dir, CPT_WORK))
-        checkpoint = work.latest_checkpoint()
-        if checkpoint is None:
-            return True
-        prefix = self.prefix + "checkpoints/"
-        files = [work.config] + [os.path.join(root, name) for root, _, names in os.walk(checkpoint) for name in names]
-        try:
-            self.store.delete_prefix(prefix)
-            for path in files:
-                self.store.put_file(prefix + os.path.relpath(path, work.root).replace(os.sep, "/"), path)
-            marker = {"checkpoint": os.path.relpath(checkpoint, work.root), "files": len(files)}
-            self.store.put_bytes(prefix + CHECKPOINT_MARKER, json.dumps(marker).encode())
-        except (StorageError, OSError) as exc:
-            log.warning("job %s: checkpoint not saved to storage: %s", self.job.id, exc)
-            return False
-        return True
-
-    def restore_checkpoint(self, run_dir: str) -> None:
-        """Before a retry on a machine without the interrupted CPT's checkpoint, fetch it from storage."""
-        work = TrainingDir(os.path.join(run_dir, CPT_WORK))
-        if is_complete(os.path.join(run_dir, "cpt")) or work.latest_checkpoint() is not None:
-            return
-        prefix = self.prefix + "checkpoints/"
-        if self.store.stat(prefix + CHECKPOINT_MARKER) is None:
-            return
-        for obj in self.store.list(prefix):
-            relative = obj.key[len(prefix) :]
-            if relative != CHECKPOINT_MARKER:
-                self.store.download(obj.key, os.path.join(work.root, relative))
-
-    def drop_checkpoint(self) -> None:
-        try:
-            self.store.delete_prefix(self.prefix + "checkpoints/")
-        except StorageError as exc:
-            log.warning("job %s: stale checkpoint left in storage: %s", self.job.id, exc)
 
 
 def local_model(settings: Settings, store: ArtifactStore, ref: str) -> str:

@@ -20,12 +20,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from langadapt.core.adaptation.corpus import split_heldout
 from langadapt.core.adaptation.errors import AdaptationInputError, StageCancelled
-from langadapt.core.adaptation.events import EventSink, StageStarted
+from langadapt.core.adaptation.events import EventSink, Message, StageStarted
 from langadapt.core.adaptation.spec import AdaptationSpec
 from langadapt.jobs import execution
 from langadapt.jobs.artifacts import JobArtifacts, input_files, local_model
+from langadapt.jobs.checkpoints import CheckpointSync
 from langadapt.jobs.files import fetch_file
-from langadapt.jobs.models import File, Job, JobStatus
+from langadapt.jobs.models import AttemptOutcome, File, Job, JobStatus
 from langadapt.jobs.progress import JobEventRecorder
 from langadapt.jobs.settings import Settings
 from langadapt.jobs.spec import JobRequest
@@ -57,45 +58,60 @@ def run_attempt(
     store: ArtifactStore,
     pipeline: Pipeline,
     should_cancel: Callable[[], bool],
+    preempted: Callable[[], bool],
 ) -> JobStatus | None:
-    """Run a job this worker has claimed to a terminal status; None when the job was taken from the worker
-    (reaped) before its outcome could be recorded."""
+    """Run a job this worker has claimed to the end of this attempt: a terminal status, or `queued` when the job
+    gets another attempt (a retried system failure, or `preempted()`: the worker is shutting down). None when the
+    job was taken from the worker (reaped) before its outcome could be recorded."""
     events = JobEventRecorder(sessions, job.id)
     artifacts = JobArtifacts(store, sessions, job)
     run_dir = os.path.join(settings.work, "jobs", job.id)
-    status, error = JobStatus.succeeded, None
+    checkpoints = CheckpointSync(store, artifacts.prefix, run_dir, on_saved=lambda step: _saved(events, step))
+    outcome, error = AttemptOutcome.succeeded, None
     try:
         spec = _prepare(job, run_dir, settings, sessions, store, events)
         refs = [ref for ref in (job.base_model, job.instruct_model) if ref]
         artifacts.inputs = [file for ref in refs for file in input_files(settings, store, ref)]
         artifacts.restore_stages(run_dir)
-        artifacts.restore_checkpoint(run_dir)
-        pipeline(spec, run_dir, emit=events, should_cancel=should_cancel, on_stage_complete=artifacts.publish_stage)
+        restored = checkpoints.restore()
+        if restored is not None:
+            events.message(f"checkpoint of step {restored} fetched from storage: CPT resumes from it", stage="cpt")
+        checkpoints.start()
+        pipeline(
+            spec,
+            run_dir,
+            emit=events,
+            should_cancel=lambda: should_cancel() or preempted(),
+            on_stage_complete=artifacts.publish_stage,
+        )
     except StageCancelled as exc:
-        status = JobStatus.cancelled
+        outcome = AttemptOutcome.preempted if preempted() else AttemptOutcome.cancelled
         events.message(str(exc))
     except AdaptationInputError as exc:
-        status, error = JobStatus.failed, execution.JobError(exc.code, str(exc), events.stage or "inputs", "user")
+        outcome, error = AttemptOutcome.failed, execution.JobError(exc.code, str(exc), events.stage or "inputs", "user")
     except StorageError as exc:
-        status = JobStatus.failed
+        outcome = AttemptOutcome.failed
         error = execution.JobError("storage_unavailable", f"artifact storage: {exc}", events.stage, "system")
     except Exception as exc:
         log.exception("job %s failed", job.id)
-        status = JobStatus.failed
+        outcome = AttemptOutcome.failed
         error = execution.JobError("internal_error", f"{type(exc).__name__}: {exc}", events.stage, "system")
-    checkpoint_kept = status == JobStatus.succeeded or artifacts.save_checkpoint(run_dir)
+    checkpoint_kept = checkpoints.close()  # an interrupted CPT's newest checkpoint is in storage
     if error is not None:
         events.message(f"failed: {error.message}", level="error", stage=error.stage)
     events.flush(FINISH_RETRY_S)  # what the attempt reported lands before its outcome
-    recorded = _finish(sessions, job.id, worker, status, error)
+    status = _finish(sessions, job.id, worker, outcome, error, settings.retry_backoff_s)
     if checkpoint_kept:  # completed stages and the checkpoint are in storage, where a retry restores them from
         shutil.rmtree(run_dir, ignore_errors=True)
-    if not recorded:
-        log.warning("job %s was taken from this worker (reaped?): result %s not recorded", job.id, status)
-        return None
-    if status == JobStatus.succeeded:
-        artifacts.drop_checkpoint()
+    if status is None:
+        log.warning("job %s was taken from this worker (reaped?): result %s not recorded", job.id, outcome)
+    elif status == JobStatus.succeeded:
+        checkpoints.drop()
     return status
+
+
+def _saved(events: JobEventRecorder, step: int) -> None:
+    events(Message("cpt", f"checkpoint of step {step} saved to storage", data={"checkpoint_step": step}))
 
 
 def _prepare(
@@ -128,18 +144,23 @@ def _prepare(
 
 
 def _finish(
-    sessions: sessionmaker[Session], job_id: str, worker: str, status: JobStatus, error: execution.JobError | None
-) -> bool:
+    sessions: sessionmaker[Session],
+    job_id: str,
+    worker: str,
+    outcome: AttemptOutcome,
+    error: execution.JobError | None,
+    backoff_s: float,
+) -> JobStatus | None:
     """Record the outcome, waiting out a database outage (the outcome is the one thing that must land)."""
     delay = 1.0
     deadline = time.monotonic() + FINISH_RETRY_S
     while True:
         try:
             with sessions() as session:
-                return execution.finish_job(session, job_id, worker, status, error)
+                return execution.finish_job(session, job_id, worker, outcome, error, backoff_s=backoff_s)
         except SQLAlchemyError as exc:
             if time.monotonic() > deadline:
                 raise
-            log.warning("job %s: cannot record %s yet (%s); retrying in %.0f s", job_id, status, exc, delay)
+            log.warning("job %s: cannot record %s yet (%s); retrying in %.0f s", job_id, outcome, exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 30.0)

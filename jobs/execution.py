@@ -1,5 +1,6 @@
 """What a worker does to a job row: claim it, heartbeat, report stage / progress / events, record artifacts and
-scores, finish it. And the reaper, which fails jobs whose worker stopped heartbeating.
+scores, end its attempt (`retries.end_attempt`: finished, or queued again). And the reaper, which ends the attempts
+of jobs whose worker stopped heartbeating.
 
 Each function is one short transaction, so the job row is always current for pollers.
 """
@@ -13,8 +14,8 @@ from typing import Any
 from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from langadapt.jobs import quotas, webhooks
-from langadapt.jobs.models import ACTIVE, Artifact, Job, JobEvent, JobStatus, Score, WorkerBeat, utcnow
+from langadapt.jobs import quotas, retries
+from langadapt.jobs.models import ACTIVE, Artifact, AttemptOutcome, Job, JobEvent, JobStatus, Score, WorkerBeat, utcnow
 from langadapt.jobs.settings import Settings
 
 
@@ -172,59 +173,36 @@ def record_scores(session: Session, job: Job, rows: list[dict[str, Any]]) -> Non
     session.commit()
 
 
-def finish_job(session: Session, job_id: str, worker: str, status: JobStatus, error: JobError | None = None) -> bool:
-    """running/cancelling -> a terminal status, only while this worker owns the job."""
-    now = utcnow()
-    values: dict[str, Any] = {"status": status, "finished_at": now, "updated_at": now, "eta_s": None}
-    if error is not None:
-        values.update(
-            error_code=error.code, error_message=error.message[:4000], error_stage=error.stage, error_kind=error.kind
-        )
-    done = session.execute(
-        update(Job).where(Job.id == job_id, Job.worker == worker, Job.status.in_(ACTIVE)).values(**values)
-    ).rowcount
-    if done:
-        webhooks.notify(session, job_id, f"job.{status}")
-    session.commit()
-    return bool(done)
+def finish_job(
+    session: Session,
+    job_id: str,
+    worker: str,
+    outcome: str,
+    error: JobError | None = None,
+    *,
+    backoff_s: float = 0.0,
+) -> JobStatus | None:
+    """End this worker's attempt (`AttemptOutcome`), only while it owns the job: a terminal status, or `queued` for
+    a retried system failure (after `backoff_s`, doubling per failure) or a preempted attempt. None: not its job."""
+    owned = (Job.worker == worker) & Job.status.in_(ACTIVE)
+    return retries.end_attempt(session, job_id, owned, AttemptOutcome(outcome), error, first_backoff_s=backoff_s)
 
 
-def reap_stale(session: Session, timeout_s: float) -> list[str]:
-    """Fail (system error, retryable) the active jobs whose worker has not heartbeated for `timeout_s`."""
+def reap_stale(session: Session, timeout_s: float, backoff_s: float) -> list[str]:
+    """End the attempts of active jobs whose worker has not heartbeated for `timeout_s`: a system failure
+    (`worker_lost`, retried while the job has attempts left), or the cancel it was asked for."""
     cutoff = utcnow() - timedelta(seconds=timeout_s)
     stale = list(session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.heartbeat_at < cutoff)))
     reaped = []
     for job in stale:
-        cancelling = job.status == JobStatus.cancelling
-        values: dict[str, Any] = {
-            "status": JobStatus.cancelled if cancelling else JobStatus.failed,
-            "finished_at": utcnow(),
-            "updated_at": utcnow(),
-            "eta_s": None,
-        }
-        if not cancelling:
-            values.update(
-                error_code="worker_lost",
-                error_message=f"the worker stopped heartbeating for over {timeout_s:.0f} s (crashed or killed)",
-                error_stage=job.stage,
-                error_kind="system",
-            )
-        changed = session.execute(
-            update(Job).where(Job.id == job.id, Job.status == job.status, Job.heartbeat_at < cutoff).values(**values)
-        ).rowcount
-        if changed:
-            session.add(
-                JobEvent(
-                    job_id=job.id,
-                    type="message",
-                    level="error",
-                    stage=job.stage,
-                    message="worker lost: job marked " + str(values["status"]),
-                )
-            )
-            webhooks.notify(session, job.id, f"job.{values['status']}")
+        owned = (Job.status == job.status) & (Job.heartbeat_at < cutoff)
+        if job.status == JobStatus.cancelling:
+            outcome, error = AttemptOutcome.cancelled, None
+        else:
+            message = f"the worker stopped heartbeating for over {timeout_s:.0f} s (crashed or killed)"
+            outcome, error = AttemptOutcome.failed, JobError("worker_lost", message, job.stage, "system")
+        if retries.end_attempt(session, job.id, owned, outcome, error, first_backoff_s=backoff_s) is not None:
             reaped.append(job.id)
-    session.commit()
     return reaped
 
 

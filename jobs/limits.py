@@ -66,6 +66,7 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("calibration.sft.epochs", "max_sft_epochs", lambda r: _sft(r, r.calibration.sft.epochs)),
     Bound("evaluation.batch_size", "max_batch_size", lambda r: r.evaluation.batch_size),
     Bound("evaluation.limit", "max_eval_items", lambda r: r.evaluation.limit),
+    Bound("max_attempts", "max_attempts", lambda r: r.max_attempts),
 )
 
 

@@ -79,6 +79,15 @@ RETRYABLE = frozenset({JobStatus.failed, JobStatus.cancelled})
 ACTIVE = (JobStatus.running, JobStatus.cancelling)  # a worker owns the job
 
 
+class AttemptOutcome(enum.StrEnum):
+    """How one attempt of a job ended (`job_attempts.outcome`)."""
+
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    preempted = "preempted"  # its worker shut down (SIGTERM): the job went back to the queue from a checkpoint
+
+
 class Team(Base):
     __tablename__ = "teams"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("team"))
@@ -151,6 +160,9 @@ class Job(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
 
     attempt: Mapped[int] = mapped_column(Integer, default=1)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)  # attempts that may end in a system failure
+    # System failures since submit or the last manual retry: below max_attempts, a system failure is retried.
+    system_failures: Mapped[int] = mapped_column(Integer, default=0)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # set once the broker took the task
     # A queued job is not sent to a worker before this (a retry's backoff, a team over its running-jobs quota).
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -178,6 +190,26 @@ class Job(Base):
     labels: Mapped[list[JobLabel]] = relationship(
         back_populates="job", cascade="all, delete-orphan", lazy="selectin", order_by="JobLabel.key"
     )
+    attempts: Mapped[list[JobAttempt]] = relationship(
+        cascade="all, delete-orphan", lazy="selectin", order_by="JobAttempt.attempt"
+    )
+
+
+class JobAttempt(Base):
+    """One ended attempt of a job: where it ran and how it ended (the job row holds the current one)."""
+
+    __tablename__ = "job_attempts"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    outcome: Mapped[str] = mapped_column(String(16))  # AttemptOutcome
+    stage: Mapped[str | None] = mapped_column(String(64))  # the stage it was in when it ended
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[str | None] = mapped_column(String(8))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # when the next attempt may start, if any
 
 
 class JobLabel(Base):

@@ -6,6 +6,8 @@ State machine (the job row is the source of truth; Celery only delivers "run job
     queued -> cancelled                       (cancel before a worker claimed it: it never starts)
     running -> cancelling -> cancelled        (cooperative: the stage stops at its next step with a checkpoint)
     failed | cancelled -> queued              (retry: resumes from the last completed stage / checkpoint)
+    running -> queued                         (automatic: a system failure with attempts left, after a backoff; or
+                                               the worker shut down: `retries.end_attempt`)
 
 Transitions are single conditional UPDATEs, so concurrent requests and the worker cannot both win one.
 """
@@ -92,6 +94,7 @@ def create_job(
         eval_file_id=request.eval_file,
         idempotency_key=idempotency_key,
         request_hash=fingerprint,
+        max_attempts=request.max_attempts,
         labels=[JobLabel(key=key, value=value) for key, value in request.labels.items()],
     )
     session.add(job)
@@ -188,7 +191,8 @@ def cancel_job(session: Session, team: Team, job_id: str) -> Job:
 
 
 def retry_job(session: Session, team: Team, job_id: str) -> Job:
-    """Re-queue a failed or cancelled job; the worker skips the stages whose outputs are complete."""
+    """Re-queue a failed or cancelled job with a fresh budget of attempts; the worker skips the stages whose outputs
+    are complete."""
     job = get_job(session, team, job_id)
     if job.artifacts_expired_at is not None:
         raise Conflict(f"job {job.id}'s stored files were deleted", code="artifacts_expired", param="job_id")
@@ -198,6 +202,8 @@ def retry_job(session: Session, team: Team, job_id: str) -> Job:
         .values(
             status=JobStatus.queued,
             attempt=Job.attempt + 1,
+            system_failures=0,
+            not_before=None,
             cancel_requested=False,
             dispatched_at=None,
             worker=None,

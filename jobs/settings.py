@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     max_sft_epochs: int = Field(100, gt=0, description="calibration.sft.epochs")
     max_generation_tokens: int = Field(8192, gt=0, description="calibration.max_new_tokens")
     max_eval_items: int = Field(100_000, gt=0, description="evaluation.limit")
+    max_attempts: int = Field(10, ge=1, description="max_attempts: a job's attempts before a system failure is final")
 
     # What the GPU workers of this deployment own: jobs are planned against it at submit (jobs/planning.py).
     max_gpus: int = Field(8, ge=1, le=8, description="resources.gpus a job may ask for (workers run --gpus K)")
@@ -84,6 +85,9 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(1.0, gt=0, description="worker heartbeat and cancel-flag poll period")
     heartbeat_timeout_s: float = Field(120.0, gt=0)
     reaper_interval_s: float = Field(30.0, gt=0)
+    retry_backoff_s: float = Field(
+        30.0, ge=0, description="delay before a system failure's automatic retry; doubles per failure (max 1 h)"
+    )
     worker_beat_interval_s: float = Field(
         5.0,
         gt=0,

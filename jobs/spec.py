@@ -21,6 +21,9 @@ class JobRequest(JobSettings):
         None, max_length=40, description="file id of held-out target text; default: the corpus's first characters"
     )
     source_eval_file: str | None = Field(None, max_length=40, description="file id of held-out source text")
+    max_attempts: int = Field(
+        3, ge=1, description="attempts before a system failure is final (worker lost, storage down): retried till then"
+    )
 
     source_heldout_field: ClassVar[str] = "source_eval_file"
 
@@ -54,7 +57,7 @@ class JobRequest(JobSettings):
     ) -> AdaptationSpec:
         """The core spec, with file ids replaced by the local paths in `files` (request field -> path) and model
         references by the local paths in `models` (reference -> path)."""
-        data: dict[str, Any] = self.model_dump(exclude={"corpus_file", "eval_file", "source_eval_file"})
+        data: dict[str, Any] = self.model_dump(exclude={"corpus_file", "eval_file", "source_eval_file", "max_attempts"})
         data["base_model"] = models[self.base_model]
         if self.instruct_model is not None:
             data["instruct_model"] = models[self.instruct_model]

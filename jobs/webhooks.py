@@ -1,5 +1,5 @@
 """Webhooks: a team's URLs told about its jobs (`job.succeeded`, `job.failed`, `job.cancelled`,
-`job.stage_completed`).
+`job.stage_completed`, `job.retrying`).
 
 An event is written as a delivery row in the transaction that changes the job (an outbox: no event is lost when
 the sender is down), and the maintenance worker sends due deliveries (`deliver_due`, on the beat schedule):

@@ -1,10 +1,14 @@
 """Run one job on this worker: claim it, keep a heartbeat / cancel monitor beside it, and hand it to the job
-domain (`jobs.attempt.run_attempt`) with the pipeline that does the work."""
+domain (`jobs.attempt.run_attempt`) with the pipeline that does the work.
+
+SIGTERM to a job's process (the worker shutting down: sent to the process group, or forwarded by the worker,
+`tasks.py`) preempts the job: it stops at its next checkpoint like a cancel, and goes back to the queue."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -22,6 +26,8 @@ from langadapt.jobs.runtime import Services
 log = logging.getLogger("langadapt.worker")
 
 DATABASE_UNAVAILABLE = 75  # exit code of a job process that could not reach the database to claim its job
+
+SHUTDOWN = threading.Event()  # set by SIGTERM in a job's process
 
 
 def worker_name() -> str:
@@ -71,6 +77,7 @@ def run_job(services: Services, job_id: str) -> JobStatus | None:
             store=services.store,
             pipeline=run_pipeline,
             should_cancel=monitor.stop.is_set,
+            preempted=SHUTDOWN.is_set,
         )
     finally:
         monitor.close()
@@ -82,6 +89,7 @@ def job_process(job_id: str) -> None:
     from langadapt.jobs.runtime import build_services
     from langadapt.jobs.settings import Settings
 
+    signal.signal(signal.SIGTERM, lambda *_: SHUTDOWN.set())
     services = build_services(Settings())
     try:
         run_job(services, job_id)

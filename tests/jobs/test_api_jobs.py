@@ -40,6 +40,7 @@ def test_submit_returns_a_queued_job_with_defaults(client, auth, body) -> None:
     assert job["labels"] == {"suite": "nightly", "owner": "ana"}
     assert job["request"]["cpt"]["lr"] == 1e-4 and job["request"]["calibration"]["method"] == "none"
     assert job["progress"] == {"step": None, "total_steps": None, "eta_s": None} and job["error"] is None
+    assert (job["max_attempts"], job["attempts"], job["request"]["max_attempts"]) == (3, [], 3)
     assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["id"] == job["id"]
 
 
@@ -119,6 +120,8 @@ def test_idempotency_key_replays_or_conflicts(client, auth, body) -> None:
         ),
         ({"evaluation": {"tasks": ["copy_ru"] * 100_000}}, "invalid_request", "evaluation.tasks"),
         ({"evaluation": {"limit": 10**9}}, "limit_exceeded", "evaluation.limit"),
+        ({"max_attempts": 11}, "limit_exceeded", "max_attempts"),  # above LANGADAPT_MAX_ATTEMPTS (10)
+        ({"max_attempts": 0}, "invalid_request", "max_attempts"),
         ({"init": {"seed": -1}}, "invalid_request", "init.seed"),
         # resources: GPUs of one node, a global batch the GPUs share evenly
         ({"resources": {"gpus": 3}}, "invalid_request", "resources.gpus"),

@@ -123,6 +123,7 @@ def test_webhooks_are_per_team(client, auth, settings) -> None:
         "job.failed",
         "job.cancelled",
         "job.stage_completed",
+        "job.retrying",
     ]
     other = {"Authorization": f"Bearer {new_team_key(settings)}"}
     assert client.get("/v1/webhooks", headers=other).json()["data"] == []

@@ -141,8 +141,10 @@ def test_cancel_stops_cpt_and_retry_resumes_from_the_checkpoint(
     assert cancelled["status"] == "cancelled" and cancelled["stage"] == "cpt", cancelled
     assert latency < 15, latency
     assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth).json()["status"] == "cancelled"
-    message = all_events(client, auth, job["id"])[-1]["message"]
-    stopped_at = int(message.rsplit(" ", 1)[-1])  # "cpt cancelled at step N"
+    messages = [e["message"] for e in all_events(client, auth, job["id"])]
+    message = next(m for m in messages if m.startswith("cpt cancelled at step "))
+    stopped_at = int(message.rsplit(" ", 1)[-1])
+    assert messages[-1] == f"checkpoint of step {stopped_at} saved to storage"  # uploaded as the attempt ended
     assert 20 <= stopped_at < 500  # before the first periodic checkpoint: only the cancel's checkpoint exists
     before = {
         a["name"]: a["sha256"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]
@@ -216,6 +218,11 @@ def test_a_diverging_run_fails_as_training_diverged_and_publishes_no_model(
         "stage": "cpt",
         "kind": "user",
     }
+    # A user error is never retried: one attempt, though the job had three.
+    assert (done["attempt"], done["max_attempts"]) == (1, 3)
+    assert [(a["attempt"], a["outcome"], a["error"]["code"]) for a in done["attempts"]] == [
+        (1, "failed", "training_diverged")
+    ]
     names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["data"]}
     assert not any(name.startswith(("cpt/", "evaluate/")) for name in names) and "init/model.safetensors" in names
     deadline = time.monotonic() + 30
