@@ -5,13 +5,15 @@ in this process, and every listed model file is then downloaded through the API 
 
 Training is tiny (a few CPT and SFT steps, a small calibration set): what a stage stores depends on which tensors
 it rewrites, not on how long it trains. Base and instruct model are both the installed `smollm2-135m-instruct`
-shortcut (no real base/instruct pair installs offline), so the propagated layers equal the initialised ones.
+shortcut (no real base/instruct pair installs offline), so the propagated layers equal the initialised ones. With
+`--distinct-pair` they are that model written as bfloat16 and as float16 safetensors (in an allowed model root): a
+pair whose layers differ in every byte, in the half precision published weights come in.
 
 One JSON line: `stored_bytes` (what the job's artifacts occupy in storage), `model_bytes` (one complete model file:
 `cpt/model.safetensors`), `ratio` = stored / model, and `before_bytes` / `before_ratio`: the sum of the artifacts'
 complete sizes, what storing a full copy of every file (the service before tensor sharing) takes in the same run.
 
-    python bench/storage_bytes.py [--cpt-steps 2] [--examples 4]
+    python bench/storage_bytes.py [--cpt-steps 2] [--examples 4] [--distinct-pair]
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import os
 import tempfile
 import time
 
+import torch
 from fastapi.testclient import TestClient
 
 from langadapt.api.app import create_app
+from langadapt.core.adaptation.sources import load_model, save_pretrained
 from langadapt.jobs.db import make_engine, make_sessionmaker, session_scope, upgrade
 from langadapt.jobs.runtime import build_services
 from langadapt.jobs.settings import Settings
@@ -50,13 +54,28 @@ def corpus(chars: int) -> bytes:
     return "".join(lines).encode()
 
 
+def half_precision_copy(root: str, name: str, dtype: torch.dtype) -> str:
+    """The shortcut's model as a Hugging Face folder of `dtype` safetensors under `root`."""
+    model, tokenizer = load_model(MODEL)
+    path = os.path.join(root, name)
+    save_pretrained(model.to(dtype), tokenizer, path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpt-steps", type=int, default=2)
     parser.add_argument("--examples", type=int, default=4, help="self-calibration and copy examples, each")
+    parser.add_argument("--distinct-pair", action="store_true", help="base in bfloat16, instruct in float16")
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="langadapt-storage-bench-")
-    settings = Settings(_env_file=None, home=home)
+    base = instruct = MODEL
+    roots = []
+    if args.distinct_pair:
+        roots = [os.path.join(home, "models")]
+        base = half_precision_copy(roots[0], "base", torch.bfloat16)
+        instruct = half_precision_copy(roots[0], "instruct", torch.float16)
+    settings = Settings(_env_file=None, home=home, allowed_model_roots=roots)
     upgrade(settings.database)
     engine = make_engine(settings.database)
     with session_scope(make_sessionmaker(engine)) as session:
@@ -68,8 +87,8 @@ def main() -> None:
         upload = client.post("/v1/files", headers=auth, files={"file": ("ru.jsonl", corpus(300_000))})
         assert upload.status_code == 201, upload.text
         body = {
-            "base_model": MODEL,
-            "instruct_model": MODEL,
+            "base_model": base,
+            "instruct_model": instruct,
             "corpus_file": upload.json()["id"],
             "vocab": {"method": "extended", "new_tokens": 500},
             "cpt": {
@@ -120,6 +139,8 @@ def main() -> None:
         json.dumps(
             {
                 "job": job_id,
+                "base_model": base,
+                "instruct_model": instruct,
                 "model_files": sorted(a["name"] for a in models),
                 "stored_bytes": stored,
                 "store_folder_bytes": on_disk,

@@ -106,7 +106,17 @@ def test_stored_bytes_quota(client, auth, upload, settings, sessions, model_root
         execution.record_artifacts(
             session,
             job_id,
-            [Artifact(job_id=job_id, name="init/x", kind="model", size=40, sha256="0" * 64, storage_key="k")],
+            [
+                Artifact(
+                    job_id=job_id,
+                    name="init/x",
+                    kind="model",
+                    size=40,
+                    stored_bytes=40,
+                    sha256="0" * 64,
+                    storage_key="k",
+                )
+            ],
         )
     usage = client.get("/v1/usage", headers=auth).json()
     assert usage["stored_bytes"] == {"used": 100, "limit": 100, "source": "team"}
