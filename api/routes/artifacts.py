@@ -25,13 +25,13 @@ def list_artifacts(job_id: str, team: CurrentTeam, session: SessionDep) -> Artif
     return ArtifactsPublic(data=[ArtifactPublic.of(row) for row in artifacts_of(session, job.id)])
 
 
-@router.api_route(
+@router.get(
     "/artifacts/{name:path}",
-    methods=["GET", "HEAD"],
-    status_code=status.HTTP_200_OK,
+    operation_id="download_artifact",
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "presigned URL (S3)"}},
 )
+@router.head("/artifacts/{name:path}", operation_id="artifact_headers", response_class=Response)
 def download_artifact(
     job_id: str,
     name: str,

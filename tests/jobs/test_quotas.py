@@ -189,7 +189,17 @@ def test_usage_reports_use_and_the_source_of_each_limit(client, auth, upload, se
         execution.record_artifacts(
             session,
             jobs[0]["id"],
-            [Artifact(job_id=jobs[0]["id"], name="a/b", kind="x", size=1000, sha256="0" * 64, storage_key="k")],
+            [
+                Artifact(
+                    job_id=jobs[0]["id"],
+                    name="a/b",
+                    kind="x",
+                    size=1000,
+                    stored_bytes=1000,
+                    sha256="0" * 64,
+                    storage_key="k",
+                )
+            ],
         )
     usage = client.get("/v1/usage", headers=auth).json()
     assert usage["running_jobs"] == {"used": 1, "limit": 3, "source": "team"}
