@@ -301,3 +301,28 @@ def all_events(client, auth, job_id: str) -> list[dict]:
         if page["next"] is None:
             return events
         after = page["next"]
+
+
+def insert_job(session, team_name: str) -> str:
+    """A queued job row (with its team and corpus file) written straight to the database; its id."""
+    from langadapt.jobs.models import File, Job, Team
+
+    team = Team(name=team_name)
+    session.add(team)
+    session.flush()
+    corpus = File(team_id=team.id, filename="c.txt", bytes=1, sha256="0" * 64, documents=1, chars=1, storage_key="k")
+    session.add(corpus)
+    session.flush()
+    job = Job(
+        team_id=team.id,
+        request={},
+        base_model="b",
+        vocab_method="extended",
+        init_method="mean",
+        variants=[],
+        corpus_file_id=corpus.id,
+        request_hash="h",
+    )
+    session.add(job)
+    session.commit()
+    return job.id

@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from langadapt.core.adaptation.events import Progress, StageSkipped, StageStarted
 from langadapt.jobs import execution
 from langadapt.jobs.db import make_engine, make_sessionmaker
-from langadapt.jobs.models import File, Job, JobEvent, Team
+from langadapt.jobs.models import Job, JobEvent
 from langadapt.jobs.progress import JobEventRecorder
+from tests.jobs.conftest import insert_job
 from tests.tcp_proxy import TcpProxy
 
 
@@ -29,25 +30,7 @@ def sessions(pg_url) -> Iterator[sessionmaker[Session]]:
 @pytest.fixture
 def job_id(sessions) -> str:
     with sessions() as session:
-        team = Team(name=f"events-{id(session)}")
-        session.add(team)
-        session.flush()
-        corpus = File(team_id=team.id, filename="c", bytes=1, sha256="0" * 64, documents=1, chars=1, storage_key="k")
-        session.add(corpus)
-        session.flush()
-        job = Job(
-            team_id=team.id,
-            request={},
-            base_model="b",
-            vocab_method="extended",
-            init_method="mean",
-            variants=[],
-            corpus_file_id=corpus.id,
-            request_hash="h",
-        )
-        session.add(job)
-        session.commit()
-        return job.id
+        return insert_job(session, f"events-{id(session)}")
 
 
 def _log(sessions: sessionmaker[Session], job_id: str) -> list[JobEvent]:

@@ -9,9 +9,10 @@ from sqlalchemy import select, update
 
 from langadapt.jobs import execution
 from langadapt.jobs.db import make_engine, make_sessionmaker, upgrade
-from langadapt.jobs.models import AttemptOutcome, File, Job, JobEvent, JobStatus, Team, utcnow
+from langadapt.jobs.models import AttemptOutcome, Job, JobEvent, JobStatus, utcnow
 from langadapt.jobs.results import job_scores
 from langadapt.jobs.settings import Settings
+from tests.jobs.conftest import insert_job
 
 SETTINGS = Settings(_env_file=None)
 
@@ -28,27 +29,7 @@ def sessions(tmp_path):
 @pytest.fixture
 def job_id(sessions) -> str:
     with sessions() as session:
-        team = Team(name="t")
-        session.add(team)
-        session.flush()
-        corpus = File(
-            team_id=team.id, filename="c.txt", bytes=1, sha256="0" * 64, documents=1, chars=1, storage_key="k"
-        )
-        session.add(corpus)
-        session.flush()
-        job = Job(
-            team_id=team.id,
-            request={},
-            base_model="b",
-            vocab_method="extended",
-            init_method="mean",
-            variants=[],
-            corpus_file_id=corpus.id,
-            request_hash="h",
-        )
-        session.add(job)
-        session.commit()
-        return job.id
+        return insert_job(session, "t")
 
 
 def _age_heartbeat(sessions, job_id: str, seconds: float) -> None:
