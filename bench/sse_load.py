@@ -84,7 +84,8 @@ class Feeder(threading.Thread):
         while not self.stop.wait(1.0):
             with self.sessions() as session:
                 for job_id in self.job_ids:
-                    execution.add_event(session, job_id, type="metrics", data={"step": self.written[job_id]})
+                    execution.append_event(session, job_id, type="metrics", data={"step": self.written[job_id]})
+                    session.commit()
                     self.written[job_id] += 1
 
     def finish(self) -> None:

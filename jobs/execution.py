@@ -73,21 +73,6 @@ def heartbeat(session: Session, job_id: str, worker: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
-def add_event(
-    session: Session,
-    job_id: str,
-    *,
-    type: str,
-    message: str = "",
-    stage: str | None = None,
-    level: str = "info",
-    data: dict[str, Any] | None = None,
-) -> None:
-    """Append an event to the job's log and commit."""
-    append_event(session, job_id, type=type, message=message, stage=stage, level=level, data=data)
-    session.commit()
-
-
 def append_event(
     session: Session,
     job_id: str,

@@ -25,12 +25,12 @@ def record_finished_job(settings, job_id: str) -> None:
         execution.claim_job(session, job_id, "test-worker", settings)
         for stage, seconds in (("tokenizer", 1.5), ("init", 0.5), ("cpt", 12.0), ("evaluate", 3.0)):
             execution.set_stage(session, job_id, stage)
-            execution.add_event(session, job_id, type="stage", stage=stage, message="started")
+            execution.append_event(session, job_id, type="stage", stage=stage, message="started")
             if stage == "cpt":
                 for step, loss in enumerate(LOSSES, 1):
                     data = {"step": step, "total": 10, "unit": "steps", "loss": loss, "tokens_per_s": 1000.0 + step}
-                    execution.add_event(session, job_id, type="metrics", stage="cpt", data=data)
-            execution.add_event(session, job_id, type="stage", stage=stage, message=f"done in {seconds} s")
+                    execution.append_event(session, job_id, type="metrics", stage="cpt", data=data)
+            execution.append_event(session, job_id, type="stage", stage=stage, message=f"done in {seconds} s")
         rows = [
             {"model": "original", "task": "symbols_per_token", "metric": "target", "value": 2.1, "n": 10},
             {"model": "adapted", "task": "symbols_per_token", "metric": "target", "value": 3.4, "n": 10},

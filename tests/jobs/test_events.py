@@ -103,4 +103,5 @@ def test_a_job_event_waits_for_a_concurrent_writer_of_the_same_job(sessions, job
 
 def _add(sessions: sessionmaker[Session], job_id: str, message: str) -> None:
     with sessions() as session:
-        execution.add_event(session, job_id, type="message", message=message)
+        execution.append_event(session, job_id, type="message", message=message)
+        session.commit()

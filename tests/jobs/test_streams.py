@@ -55,7 +55,8 @@ def test_streams_hold_no_connection_are_capped_and_deliver_every_event(make_sett
         with sessions() as session:
             for job_id in jobs:
                 for i in range(3):
-                    execution.add_event(session, job_id, type="message", message=f"m{i}")
+                    execution.append_event(session, job_id, type="message", message=f"m{i}")
+                    session.commit()
                 session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.failed))
             session.commit()
         for stream in opened:
