@@ -4,11 +4,13 @@ Held-out Russian (taiga) and English (EWT) bits per character of the original mo
 with no training at all, and the share of the predicted probability that goes to new tokens on English text (a new
 token should not take probability in source-language contexts). One JSON line per model with the ratio against the
 original measured in the same process, and per method the share of mean's Russian excess over the original it
-removes (`ru_excess_cut_vs_mean`: 1 - (method - original) / (mean - original)).
+removes (`ru_excess_cut_vs_mean`: 1 - (method - original) / (mean - original)). With `--cpt-steps N` every model
+then gets the same short CPT (N steps of `--cpt-batch` x `--cpt-seq-len` tokens of the corpus, new rows trained,
+as a job trains them after `extended`) and is scored again, with its cut of mean's excess after the same CPT.
 
     python bench/init_quality.py [--new-tokens 16000] [--train-chars 10000000] [--aux-chars 20000000]
-        [--eval-chars 30000] [--priorities new-first,target-first]
-        [--inits '["mean", "random", "focus", "omp", {"method": "regression", "mean_weight": 0.5}]']
+        [--eval-chars 30000] [--priorities new-first,target-first] [--cpt-steps 0]
+        [--inits '["mean", {"method": "mean", "scale": "fit"}, "random", "focus", "omp", "regression"]']
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import tempfile
 import time
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from langadapt.core.adaptation.config import AUXILIARY_METHODS, AuxiliaryConfig, InitConfig, VocabConfig
+from langadapt.core.adaptation.config import AUXILIARY_METHODS, AuxiliaryConfig, CPTConfig, InitConfig, VocabConfig
 from langadapt.core.adaptation.corpus import iter_documents
 from langadapt.core.adaptation.evaluate.bits_per_char import bits_per_char
 from langadapt.core.adaptation.sources import load_model
 from langadapt.core.adaptation.surgery import change_vocabulary
+from langadapt.core.adaptation.train.cpt import run_cpt
 from langadapt.core.adaptation.vocab import build_vocab
 from langadapt.core.adaptation.vocab.common import chars_per_token
 
@@ -62,9 +66,13 @@ def main() -> None:
     parser.add_argument("--priorities", default="new-first,target-first")
     parser.add_argument(
         "--inits",
-        default='["mean", "random", "focus", "omp", "regression"]',
+        default='["mean", {"method": "mean", "scale": "fit"}, "random", "focus", "omp", "regression"]',
         help="JSON list: method names or InitConfig objects (mean first: the others are compared with it)",
     )
+    parser.add_argument("--cpt-steps", type=int, default=0, help="short CPT after step 0 (0: none)")
+    parser.add_argument("--cpt-batch", type=int, default=4, help="CPT sequences per step")
+    parser.add_argument("--cpt-seq-len", type=int, default=256)
+    parser.add_argument("--cpt-lr", type=float, default=5e-4)
     parser.add_argument("--cache-dir", default=None, help="auxiliary spaces (default: a temporary folder)")
     args = parser.parse_args()
     ru = list(iter_documents(f"{args.data}/ru/taiga_devtest.jsonl", limit_chars=args.eval_chars))
@@ -73,13 +81,14 @@ def main() -> None:
     model, tokenizer = load_model("smollm2-135m-instruct")
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="init-quality-aux-")
 
-    def score(name: str, candidate, candidate_tokenizer, seconds: float, baseline=None, new_ids=None) -> dict:
+    def score(name: str, candidate, candidate_tokenizer, seconds: float, baseline=None, new_ids=None, **extra) -> dict:
         row = {
             "bench": "init_quality",
             "model": "SmolLM2-135M-Instruct",
             "variant": name,
             "vocab_size": len(candidate_tokenizer),
             "seconds": round(seconds, 1),
+            **extra,
         }
         for lang, texts in (("ru", ru), ("en", en)):
             result = bits_per_char(candidate, candidate_tokenizer, texts)
@@ -93,6 +102,17 @@ def main() -> None:
         return row
 
     original = score("original", model, tokenizer, 0.0)
+    mean_excess: dict[tuple[str, str], float] = {}  # (priority, stage) -> mean's Russian excess over the original
+
+    def cut_vs_mean(row: dict, priority: str, stage: str) -> None:
+        """The share of mean's Russian excess over the original that this row removes, at the same stage."""
+        excess = row["ru_bits_per_char"] - original["ru_bits_per_char"]
+        if (priority, stage) not in mean_excess:
+            mean_excess[priority, stage] = excess
+        else:
+            cut = round(1 - excess / mean_excess[priority, stage], 3)
+            print(json.dumps({"variant": row["variant"], f"ru_excess_cut_vs_mean_{stage}": cut}), flush=True)
+
     for priority in args.priorities.split(","):
         started = time.perf_counter()
         config = VocabConfig(
@@ -103,7 +123,6 @@ def main() -> None:
         )
         new_tokenizer = build_vocab(tokenizer, corpus, config, heldout=heldout).tokenizer
         vocab_seconds = time.perf_counter() - started
-        mean_ru = None
         for init in json.loads(args.inits):
             fields = {"method": init} if isinstance(init, str) else init
             if fields["method"] in AUXILIARY_METHODS:
@@ -112,15 +131,28 @@ def main() -> None:
             name = "+".join([init_config.method, *(f"{k}={v}" for k, v in fields.items() if k not in SHOWN_AS_IS)])
             candidate = copy.deepcopy(model)
             started = time.perf_counter()
-            mapping = change_vocabulary(candidate, tokenizer, new_tokenizer, init_config, corpus=corpus)
+            change = change_vocabulary(candidate, tokenizer, new_tokenizer, init_config, corpus=corpus)
             seconds = time.perf_counter() - started
-            row = score(f"extended({priority})+{name}", candidate, new_tokenizer, seconds, original, mapping.new_ids)
-            row_ru = row["ru_bits_per_char"]
-            if init_config.method == "mean":
-                mean_ru = row_ru
-            elif mean_ru is not None:
-                cut = 1 - (row_ru - original["ru_bits_per_char"]) / (mean_ru - original["ru_bits_per_char"])
-                print(json.dumps({"variant": row["variant"], "ru_excess_cut_vs_mean": round(cut, 3)}), flush=True)
+            new_ids = change.mapping.new_ids
+            variant = f"extended({priority})+{name}"
+            row = score(variant, candidate, new_tokenizer, seconds, original, new_ids, scale=change.scale)
+            cut_vs_mean(row, priority, "step0")
+            if args.cpt_steps:
+                cpt = CPTConfig(
+                    steps=args.cpt_steps,
+                    seq_len=args.cpt_seq_len,
+                    batch_size=args.cpt_batch,
+                    grad_accum=1,
+                    lr=args.cpt_lr,
+                    warmup_steps=max(1, args.cpt_steps // 10),
+                    checkpoint_every=args.cpt_steps,
+                    train_rows="new",
+                )
+                out = tempfile.mkdtemp(prefix="init-quality-cpt-")
+                result = run_cpt(candidate, new_tokenizer, corpus, cpt, os.path.join(out, "run"), new_rows=new_ids)
+                trained = f"{variant}+cpt{args.cpt_steps}x{args.cpt_batch}x{args.cpt_seq_len}"
+                row = score(trained, candidate, new_tokenizer, result.seconds, original, new_ids)
+                cut_vs_mean(row, priority, "after_cpt")
         print(json.dumps({"priority": priority, "vocab_seconds": round(vocab_seconds, 1)}), flush=True)
 
 

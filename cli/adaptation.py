@@ -70,6 +70,16 @@ def vocab_build(args: argparse.Namespace) -> None:
     _emit(result.report.to_dict())
 
 
+def _scale(value: str | None) -> float | str | None:
+    """--scale: 'fit' or a number."""
+    if value is None or value == "fit":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise AdaptationInputError(f"--scale takes a number or 'fit', not '{value}'") from None
+
+
 def embed_init(args: argparse.Namespace) -> None:
     auxiliary = {
         "dim": args.aux_dim,
@@ -82,6 +92,8 @@ def embed_init(args: argparse.Namespace) -> None:
         "terms": args.terms,
         "mean_weight": args.mean_weight,
         "head_norm": args.head_norm,
+        "scale": _scale(args.scale),
+        "scale_chars": args.scale_chars,
         "auxiliary": {name: value for name, value in auxiliary.items() if value is not None} or None,
     }
     config = InitConfig(
@@ -90,19 +102,20 @@ def embed_init(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir or os.path.join(platformdirs.user_cache_dir("langadapt"), "auxiliary"),
         **{name: value for name, value in given.items() if value is not None},
     )
-    if config.method in AUXILIARY_METHODS and args.corpus is None:
-        raise AdaptationInputError(f"--init {config.method} needs --corpus (target-language text)")
+    if args.corpus is None and (config.method in AUXILIARY_METHODS or config.resolved_scale == "fit"):
+        raise AdaptationInputError(f"--init {config.method} with scale 'fit' needs --corpus (target-language text)")
     model, old_tokenizer = load_model(args.model)
     new_tokenizer = load_tokenizer(args.tokenizer)
     with atomic_output_dir(args.out) as tmp:
-        mapping = change_vocabulary(model, old_tokenizer, new_tokenizer, config, corpus=args.corpus)
+        change = change_vocabulary(model, old_tokenizer, new_tokenizer, config, corpus=args.corpus)
         save_pretrained(model, new_tokenizer, tmp)
     _emit(
         {
             "init": args.init,
-            "vocab_size": mapping.new_size,
-            "copied_tokens": len(mapping.overlap),
-            "initialised_tokens": len(mapping.new_ids),
+            "vocab_size": change.mapping.new_size,
+            "copied_tokens": len(change.mapping.overlap),
+            "initialised_tokens": len(change.mapping.new_ids),
+            "new_row_scale": round(change.scale, 4),
             "out": os.path.abspath(args.out),
         }
     )
@@ -210,6 +223,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     init.add_argument("--terms", type=int, help="omp: anchors per token (default 8)")
     init.add_argument("--mean-weight", type=float, help="share of the mean init blended in (default 0.5)")
     init.add_argument("--head-norm", choices=["cap", "none"], help="cap new rows at their mean row's norm (default)")
+    init.add_argument(
+        "--scale",
+        help="factor for the new rows, or 'fit' (on the corpus; default for focus / omp / regression; 1 for mean)",
+    )
+    init.add_argument("--scale-chars", type=int, help="scale fit: corpus characters per trial (default 10000)")
     init.add_argument("--cache-dir", help="cached auxiliary spaces (default: the user cache folder)")
     init.add_argument("--out", required=True)
     init.set_defaults(handler=embed_init)

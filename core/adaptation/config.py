@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from langadapt.core.adaptation.task_names import AVERAGED_TASKS, MICRO_AVG, TASK_NAMES, TaskName
 
@@ -178,23 +187,51 @@ class InitConfig(Config):
         description="focus / omp / regression: cap: no new row is longer than its mean-init row (new tokens take "
         "no more probability in source-language contexts than their averaged pieces would); none",
     )
+    scale: Annotated[float, Field(gt=0, le=4)] | Literal["fit"] | None = Field(
+        None,
+        description="logit control: every new row is multiplied by this factor (a tied model's one matrix; "
+        "untied, the head's new rows only); fit: the factor in [0.25, 1.25] with the lowest bits per character "
+        "on the corpus's first scale_chars characters, found with the model's own forward passes (needs a "
+        "corpus); null: fit for focus / omp / regression, 1 (rows as the method made them) for mean and random",
+    )
+    scale_chars: int = Field(
+        10_000, ge=1_000, le=10_000_000, description="scale fit: corpus characters scored per trial factor"
+    )
     cache_dir: str | None = Field(
         None,
         description="folder of cached auxiliary spaces (default: the run directory's init.aux/; the CLI: the "
         "user cache folder)",
     )
 
+    @field_validator("scale", mode="wrap")
+    @classmethod
+    def _one_message_for_the_scale(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One error at `scale`, not one per member of its type (a number, or 'fit')."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("init.scale takes a number in (0, 4], 'fit' or null") from None
+
     @model_validator(mode="after")
     def _options_fit_the_method(self) -> InitConfig:
         if self.method not in AUXILIARY_METHODS:
-            own = {"seed", "cache_dir"}
+            own = {"seed", "cache_dir", "scale", "scale_chars"}
             extra = [name for name in self.changed_fields() if name not in own and name != "method"]
             if extra:
                 raise SpecConflict(extra[0], f"init.{extra[0]} does not apply to init.method '{self.method}'")
         for name, method in (("neighbours", "focus"), ("terms", "omp")):
             if name in self.changed_fields() and self.method != method:
                 raise SpecConflict(name, f"init.{name} only applies to init.method '{method}'")
+        if "scale_chars" in self.changed_fields() and self.resolved_scale != "fit":
+            raise SpecConflict("scale_chars", "init.scale_chars only applies when the scale is fitted")
         return self
+
+    @property
+    def resolved_scale(self) -> float | Literal["fit"]:
+        """`scale` with its per-method default filled in."""
+        if self.scale is not None:
+            return self.scale
+        return "fit" if self.method in AUXILIARY_METHODS else 1.0
 
 
 class LRScale(Config):

@@ -115,7 +115,8 @@ def _tokenizer_stage(ctx: RunContext, out: str) -> dict[str, Any]:
 
 
 def _init_stage(ctx: RunContext, out: str) -> dict[str, Any]:
-    """No forward pass: the model is read on the CPU, the row arithmetic runs on the compute device."""
+    """The model is read on the CPU; the row arithmetic and the scale fit's forward passes run on the compute
+    device."""
     meter = ctx.meter("init", 3, "phases", interval_s=0)
     meter(0, phase="load")
     model, tokenizer = load_model(ctx.spec.base_model)
@@ -124,13 +125,27 @@ def _init_stage(ctx: RunContext, out: str) -> dict[str, Any]:
     config = ctx.spec.init
     if config.cache_dir is None:
         config = config.model_copy(update={"cache_dir": ctx.path(AUXILIARY_CACHE)})
-    mapping = change_vocabulary(model, tokenizer, new_tokenizer, config, corpus=ctx.spec.corpus)
+
+    def scale_trial(done: int, total: int) -> None:
+        meter(1, phase="fit the new rows' scale", trial=done, trials=total)
+
+    change = change_vocabulary(
+        model, tokenizer, new_tokenizer, config, corpus=ctx.spec.corpus, scale_progress=scale_trial
+    )
     meter(2, phase="save")
     save_pretrained(model, new_tokenizer, out)
     with open(os.path.join(out, NEW_TOKENS), "w", encoding="utf-8") as handle:
-        json.dump(mapping.new_ids, handle)
+        json.dump(change.mapping.new_ids, handle)
     meter(3, phase="saved")
-    return {"copied_tokens": len(mapping.overlap), "initialised_tokens": len(mapping.new_ids)}
+    report: dict[str, Any] = {
+        "copied_tokens": len(change.mapping.overlap),
+        "initialised_tokens": len(change.mapping.new_ids),
+        "new_row_scale": round(change.scale, 4),
+    }
+    if change.scale_fit is not None:
+        report["scale_fit_bits_per_char"] = round(change.scale_fit.bits_per_char, 4)
+        report["unscaled_bits_per_char"] = round(change.scale_fit.unscaled_bits_per_char, 4)
+    return report
 
 
 def _cpt_stage(ctx: RunContext, out: str) -> dict[str, Any]:

@@ -6,14 +6,19 @@ the output head are rebuilt; tied weights stay tied.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from langadapt.core.adaptation.config import AUXILIARY_METHODS, InitConfig
+from langadapt.core.adaptation.corpus import require_documents
 from langadapt.core.adaptation.device import compute_device
 from langadapt.core.adaptation.errors import AdaptationInputError
 from langadapt.core.adaptation.init import InitContext, get_init
 from langadapt.core.adaptation.init.auxiliary import AuxiliarySpace, auxiliary_space
+from langadapt.core.adaptation.init.scale import ScaleFit, fit_scale, scale_rows
 from langadapt.core.adaptation.mapping import VocabMapping
 from langadapt.core.adaptation.tokens import Vocabulary
 from langadapt.core.adaptation.weights import input_rows, output_rows
@@ -46,9 +51,9 @@ def new_vocab_rows(
     others come from the `config.method`."""
     old_rows = old_rows[: mapping.old_size]
     device = old_rows.device
-    result = torch.empty(mapping.new_size, old_rows.shape[1], dtype=torch.float64, device=device)
+    out = torch.empty(mapping.new_size, old_rows.shape[1], dtype=old_rows.dtype, device=device)
     new_idx, old_idx = (index.to(device) for index in mapping.overlap_index())
-    result[new_idx] = old_rows[old_idx].to(torch.float64)
+    out[new_idx] = old_rows[old_idx]  # bit-exact copies
     fresh = torch.tensor(mapping.new_ids, dtype=torch.long, device=device)
     if len(fresh):
         generator = torch.Generator().manual_seed(seed)
@@ -61,9 +66,7 @@ def new_vocab_rows(
             config=config,
             auxiliary=auxiliary,
         )
-        result[fresh] = get_init(config.method)(ctx, fresh)
-    out = result.to(old_rows.dtype)
-    out[new_idx] = old_rows[old_idx]  # bit-exact copies, independent of the float64 round trip
+        out[fresh] = get_init(config.method)(ctx, fresh).to(old_rows.dtype)
     return out
 
 
@@ -100,25 +103,37 @@ def remap_special_token_ids(
                 setattr(config, name, [new for new in map(remap, value) if new is not None])
 
 
+@dataclass(frozen=True)
+class VocabChange:
+    mapping: VocabMapping
+    scale: float  # the factor the new rows were multiplied by (init.scale; 1: unchanged)
+    scale_fit: ScaleFit | None  # how it was chosen, when fitted
+
+
 def change_vocabulary(
     model: PreTrainedModel,
     old_tokenizer: PreTrainedTokenizerBase,
     new_tokenizer: PreTrainedTokenizerBase,
     config: InitConfig,
     corpus: str | None = None,
-) -> VocabMapping:
-    """Switch `model` (in place) from `old_tokenizer`'s vocabulary to `new_tokenizer`'s; returns the mapping.
+    scale_progress: Callable[[int, int], None] | None = None,
+) -> VocabChange:
+    """Switch `model` (in place) from `old_tokenizer`'s vocabulary to `new_tokenizer`'s.
 
-    `corpus`: target-language text, read by the methods that train an auxiliary space (focus, omp, regression).
-    No forward pass is needed, so the model may stay on the CPU; the row arithmetic runs on `compute_device()`.
+    `corpus`: target-language text, read by the methods that train an auxiliary space (focus, omp, regression) and
+    by the scale fit. The row arithmetic runs on `compute_device()`, as do the scale fit's forward passes (the
+    model returns to where it was).
     """
     check_tokenizer_matches(model, old_tokenizer)
     old, new = Vocabulary(old_tokenizer), Vocabulary(new_tokenizer)
     mapping = VocabMapping.build(old, new)
     auxiliary = None
+    scale = config.resolved_scale
+    if corpus is None and (config.method in AUXILIARY_METHODS or scale == "fit"):
+        need = "init.scale 'fit'" if config.method not in AUXILIARY_METHODS else f"init method '{config.method}'"
+        raise AdaptationInputError(f"{need} needs a target-language corpus")
     if config.method in AUXILIARY_METHODS and mapping.new_ids:
-        if corpus is None:
-            raise AdaptationInputError(f"init method '{config.method}' needs a target-language corpus")
+        assert corpus is not None
         auxiliary = auxiliary_space(new_tokenizer, corpus, config.auxiliary, config.seed, config.cache_dir)
     tied = has_tied_head(model)
     device = compute_device()
@@ -132,4 +147,12 @@ def change_vocabulary(
     head = None if tied else rows(output_rows(model), config.seed + 1)
     set_vocab_rows(model, embeddings, head)
     remap_special_token_ids(model, old_tokenizer, new_tokenizer)
-    return mapping
+    fit = None
+    if scale == "fit" and mapping.new_ids:
+        assert corpus is not None
+        texts = list(require_documents(corpus, limit_chars=config.scale_chars))
+        fit = fit_scale(model, new_tokenizer, mapping.new_ids, texts, progress=scale_progress)
+    elif scale != "fit" and scale != 1.0:
+        scale_rows(model, mapping.new_ids, scale)
+    factor = fit.scale if fit is not None else (1.0 if scale == "fit" else scale)
+    return VocabChange(mapping=mapping, scale=factor, scale_fit=fit)

@@ -155,8 +155,8 @@ def test_surgery_with_each_method(
     model = tiny_model(len(old_tok), tied=tied)
     old_emb = model.get_input_embeddings().weight.detach().clone()
     old_head = model.get_output_embeddings().weight.detach().clone()
-    config = InitConfig(method=method, auxiliary=SMALL_AUX, cache_dir=str(tmp_path))  # type: ignore[arg-type]
-    mapping = change_vocabulary(model, old_tok, extended, config, corpus=ru_corpus)
+    config = InitConfig(method=method, auxiliary=SMALL_AUX, cache_dir=str(tmp_path), scale=1.0)  # type: ignore[arg-type]
+    mapping = change_vocabulary(model, old_tok, extended, config, corpus=ru_corpus).mapping
     emb = model.get_input_embeddings().weight.detach()
     head = model.get_output_embeddings().weight.detach()
     assert has_tied_head(model) is tied and torch.isfinite(emb).all() and torch.isfinite(head).all()

@@ -33,7 +33,7 @@ def test_mean_init_copies_shared_rows_and_averages_new_ones(
     old_emb = model.get_input_embeddings().weight.detach().clone()
     old_head = model.get_output_embeddings().weight.detach().clone()
     layers_before = {k: v.clone() for k, v in model.model.layers.state_dict().items()}
-    mapping = change_vocabulary(model, old_tok, new_tok, InitConfig())
+    mapping = change_vocabulary(model, old_tok, new_tok, InitConfig()).mapping
     emb = model.get_input_embeddings().weight.detach()
     head = model.get_output_embeddings().weight.detach()
     assert emb.shape == (len(new_tok), old_emb.shape[1]) and model.config.vocab_size == len(new_tok)
@@ -77,7 +77,9 @@ def test_optimized_renumbering_updates_special_token_ids(tiny_model, english_byt
 def test_random_init_follows_the_old_rows_distribution(tiny_model, english_byte_level_tokenizer, extended) -> None:
     model = tiny_model(len(english_byte_level_tokenizer), hidden=16)
     old = model.get_input_embeddings().weight.detach().clone().double()
-    mapping = change_vocabulary(model, english_byte_level_tokenizer, extended, InitConfig(method="random", seed=3))
+    mapping = change_vocabulary(
+        model, english_byte_level_tokenizer, extended, InitConfig(method="random", seed=3)
+    ).mapping
     fresh = model.get_input_embeddings().weight.detach()[mapping.new_ids].double()
     assert len(fresh) > 1000
     assert torch.allclose(fresh.mean(0), old.mean(0), atol=0.1)

@@ -82,6 +82,8 @@ def test_idempotency_key_replays_or_conflicts(client, auth, body) -> None:
         ({"init": {"cache_dir": "/etc"}}, "invalid_request", "body"),
         ({"init": {"method": "omp", "neighbours": 5}}, "invalid_request", "init.neighbours"),
         ({"init": {"method": "mean", "mean_weight": 0.75}}, "invalid_request", "init.mean_weight"),
+        ({"init": {"method": "mean", "scale_chars": 5000}}, "invalid_request", "init.scale_chars"),
+        ({"init": {"scale": "guess"}}, "invalid_request", "init.scale"),
         ({"surprise": 1}, "invalid_request", "surprise"),
         ({"corpus_file": "file_doesnotexist"}, "file_not_found", "corpus_file"),
         ({"eval_file": "file_doesnotexist"}, "file_not_found", "eval_file"),

@@ -44,6 +44,8 @@ AFFINE_WEIGHT = 10.0  # the appended coordinate, in units of the mean anchor nor
 
 
 def omp_solve(queries: torch.Tensor, anchors: torch.Tensor, rows: torch.Tensor, config: InitConfig) -> torch.Tensor:
+    # float64: the auxiliary vectors are narrow, and float32 least squares is not reproducible run to run
+    queries, anchors = queries.to(torch.float64), anchors.to(torch.float64)
     constant = AFFINE_WEIGHT * anchors.norm(dim=1).mean()
     anchors = torch.cat([anchors, constant.expand(len(anchors), 1)], dim=1)
     queries = torch.cat([queries, constant.expand(len(queries), 1)], dim=1)
