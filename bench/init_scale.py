@@ -3,8 +3,8 @@
 The real LLaMa-3 tokenizer (128,256 tokens) extended with `--new-tokens` target tokens trained on Russian literature,
 random old rows of width `--dim` (no model is loaded: the init only does row arithmetic), the auxiliary space
 trained on `--aux-chars` characters (timed once, then cached: the per-method times exclude it). One JSON line per
-method with its seconds and the process's peak resident memory so far; the ratio is against `mean` in the same
-process.
+method with its seconds and the process's peak resident memory so far (`--methods focus`: that method's own);
+the ratio is against the first method run in the same process.
 
     python bench/init_scale.py [--new-tokens 64000] [--dim 4096] [--vocab-chars 20000000] [--aux-chars 20000000]
 """
@@ -43,6 +43,11 @@ def main() -> None:
     parser.add_argument("--vocab-chars", type=int, default=20_000_000)
     parser.add_argument("--aux-chars", type=int, default=20_000_000)
     parser.add_argument("--methods", default="mean,focus,omp,regression")
+    parser.add_argument(
+        "--cache-dir",
+        help="auxiliary spaces (default: a temporary folder); run one method per process to see each "
+        "method's own peak memory, the space trained by the first",
+    )
     args = parser.parse_args()
     corpus = f"{args.data}/ru/ruslit.jsonl.xz"
     old_tokenizer = load_tokenizer(args.tokenizer)
@@ -64,7 +69,7 @@ def main() -> None:
         flush=True,
     )
     aux = AuxiliaryConfig(train_chars=args.aux_chars)
-    cache = tempfile.mkdtemp(prefix="init-scale-aux-")
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="init-scale-aux-")
     started = time.perf_counter()
     space = auxiliary_space(new_tokenizer, corpus, aux, 0, cache)
     print(

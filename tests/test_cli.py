@@ -80,10 +80,12 @@ def test_full_cli_flow(capsys, tmp_path, tiny_dirs, ru_corpus) -> None:
         str(vocab_dir),
         "--init",
         "mean",
+        "--scale",
+        "0.9",
         "--out",
         str(tmp_path / "adapted"),
     )
-    assert code == 0 and init["vocab_size"] == report["vocab_size"]
+    assert code == 0 and init["vocab_size"] == report["vocab_size"] and init["new_row_scale"] == 0.9
     adapted, adapted_tok = load_model(str(tmp_path / "adapted"))
     assert adapted.get_input_embeddings().weight.shape[0] == len(adapted_tok) == report["vocab_size"]
 
@@ -155,6 +157,16 @@ def test_full_cli_flow(capsys, tmp_path, tiny_dirs, ru_corpus) -> None:
         (
             ["embed", "init", "--model", "{base}", "--tokenizer", "{base}", "--init", "focus", "--out", "{out}"],
             "needs --corpus",
+        ),
+        (
+            ["embed", "init", "--model", "{base}", "--tokenizer", "{base}", "--init", "mean", "--scale", "fit"]
+            + ["--out", "{out}"],
+            "needs --corpus",
+        ),
+        (
+            ["embed", "init", "--model", "{base}", "--tokenizer", "{base}", "--init", "mean", "--scale", "big"]
+            + ["--out", "{out}"],
+            "--scale takes a number or 'fit'",
         ),
         (
             ["embed", "init", "--model", "{base}", "--tokenizer", "{base}", "--init", "omp", "--corpus", "{empty}"]

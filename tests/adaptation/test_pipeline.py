@@ -297,9 +297,12 @@ def test_an_auxiliary_init_caches_its_space_in_the_run_directory(tmp_path, model
     spec = _spec(
         models, ru_corpus, instruct=False, init=init, evaluation={"tasks": ["symbols_per_token"], "heldout_chars": 2000}
     )
-    run_pipeline(spec, str(tmp_path / "run"))
+    report = run_pipeline(spec, str(tmp_path / "run"))
     cached = list((tmp_path / "run" / "init.aux").glob("auxiliary-*.npz"))
     assert len(cached) == 1
+    init_stage = next(stage for stage in report.stages if stage["stage"] == "init")
+    assert 0.25 <= init_stage["new_row_scale"] <= 1.25  # regression fits its rows' scale by default
+    assert init_stage["scale_fit_bits_per_char"] <= init_stage["unscaled_bits_per_char"]
     shutil.rmtree(tmp_path / "run" / "init")  # a retry of the init stage reads the cached space
     before = cached[0].stat().st_mtime_ns
     run_pipeline(spec, str(tmp_path / "run"))
