@@ -279,6 +279,7 @@ def test_concurrent_claims_never_exceed_the_running_quota(client, auth, upload, 
         assert execution.claim_job(session, held[0].id, "w-next", settings).status == JobStatus.running
 
 
+@pytest.mark.slow  # whole workers or a thousand clients: the slow tier (CI runs it)
 def test_a_thousand_concurrent_posts_with_one_key_create_one_job(make_settings, model_root) -> None:
     """Goal: 1,000 concurrent POSTs with one Idempotency-Key create exactly one job; every answer is that job or a
     429 `rate_limited` (this test's rate limit is 600 POSTs per window), none is a 5xx."""
@@ -311,6 +312,7 @@ def test_a_thousand_concurrent_posts_with_one_key_create_one_job(make_settings, 
     assert [job["id"] for job in listed] == [accepted[0].json()["id"]]
 
 
+@pytest.mark.slow  # whole workers or a thousand clients: the slow tier (CI runs it)
 def test_running_quota_of_two_end_to_end(settings, auth, files, start_worker, model_root) -> None:
     """Goal: with a running quota of 2 and a queued quota of 8, 50 concurrent submissions to 3 GPU workers: 8 (or a
     few more, as jobs start meanwhile) accepted, the rest 429 `quota_queued_jobs`; never more than 2 running (a

@@ -11,6 +11,7 @@ import time
 from datetime import datetime
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from langadapt.jobs import layout
@@ -79,6 +80,7 @@ def _job_processes(worker: WorkerProcess) -> list[int]:
     return [pid for pid, parent in parents.items() if parent in servers]
 
 
+@pytest.mark.slow  # whole workers or a thousand clients: the slow tier (CI runs it)
 def test_a_killed_worker_s_job_resumes_by_itself_on_another_worker_from_its_uploaded_checkpoint(
     client, auth, settings, start_worker, model_root, files, tmp_path
 ) -> None:
@@ -134,6 +136,7 @@ def test_a_killed_worker_s_job_resumes_by_itself_on_another_worker_from_its_uplo
     print(json.dumps({**figure, "last_uploaded_checkpoint": uploaded["step"], "resumed_from": resumed_from}))
 
 
+@pytest.mark.slow  # whole workers or a thousand clients: the slow tier (CI runs it)
 def test_sigterm_puts_the_job_back_in_the_queue_and_it_resumes_from_the_preemption_checkpoint(
     client, auth, settings, start_worker, model_root, files, tmp_path
 ) -> None:
@@ -188,6 +191,7 @@ def test_sigterm_puts_the_job_back_in_the_queue_and_it_resumes_from_the_preempti
     assert _started(events[resumed:]) == ["inputs", "cpt", "evaluate"]
 
 
+@pytest.mark.slow  # whole workers or a thousand clients: the slow tier (CI runs it)
 def test_a_job_that_kills_its_worker_every_time_fails_after_its_attempts(
     client, auth, settings, start_worker, model_root, files, tmp_path
 ) -> None:
