@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from langadapt.core.adaptation.config import AuxiliaryConfig, InitConfig, VocabConfig
 from langadapt.core.adaptation.errors import AdaptationInputError
-from langadapt.core.adaptation.init import INIT_METHODS, InitContext, auxiliary
+from langadapt.core.adaptation.init import INIT_METHODS, InitContext, auxiliary, regression
 from langadapt.core.adaptation.init.auxiliary import AuxiliarySpace, auxiliary_space, train_auxiliary
 from langadapt.core.adaptation.init.focus import sparsemax
 from langadapt.core.adaptation.init.omp import convex
@@ -60,6 +60,21 @@ def test_regression_recovers_a_linear_map_between_the_spaces() -> None:
     ctx, new_ids = planted_context("regression", anchors, anchors @ planted + offset, new)
     rows = INIT_METHODS["regression"](ctx, new_ids)
     assert torch.allclose(rows, new @ planted + offset, atol=1e-2)
+
+
+def test_the_ridge_fit_reads_rows_in_chunks_into_moments_that_subtract(monkeypatch) -> None:
+    monkeypatch.setattr(regression, "ROW_CHUNK", 7)  # several chunks
+    torch.manual_seed(2)
+    inputs, targets = torch.randn(50, 4, dtype=torch.float64), torch.randn(50, 6, dtype=torch.float32)
+    rest = regression.Moments.of(inputs, targets) - regression.Moments.of(inputs[:10], targets[:10])
+    direct = regression.Moments.of(inputs[10:], targets[10:])
+    for got, want in zip(dataclasses.astuple(rest), dataclasses.astuple(direct), strict=True):
+        torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(want))
+    in_mean, weights, out_mean = regression.ridge_fit(direct, strength=0.0)
+    design = torch.cat([inputs[10:], torch.ones(40, 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, targets[10:].double()).solution
+    torch.testing.assert_close(weights, solution[:4])
+    torch.testing.assert_close(out_mean - in_mean @ weights, solution[4])
 
 
 def test_omp_recovers_sparse_convex_combinations_of_anchors() -> None:
