@@ -9,7 +9,8 @@ vocabulary trained on Russian literature, `mean` init, one fixed CPT budget (`em
     vocab.priority      new-first | target-first
     calibration         none | self+copy   (the original model's own answers plus the copy task)
 
-and over the init methods given by `--inits` (default: `mean` alone; e.g. `--inits mean,focus,omp,regression`).
+and over the init methods given by `--inits` (default: `mean` alone; e.g. `--inits mean,mean:fit,focus,omp`, where
+`:fit` or `:0.9` sets the new rows' scale, `init.scale`).
 Runs share every stage they have in common (the tokenizer per priority, the init per priority x init, CPT per
 priority x init x rows x mix, the calibration set once; the auxiliary spaces of focus / omp / regression are cached
 once per tokenizer), so the grid costs 8 CPT runs per init, not 16. Every
@@ -122,6 +123,15 @@ def split(source: Path, heldout_chars: int, rest_chars: int, out: Path, name: st
     return write_texts(out / f"{name}.heldout.jsonl", heldout), write_texts(out / f"{name}.train.jsonl", rest)
 
 
+def init_settings(init: str, aux_cache: str | None) -> dict[str, Any]:
+    """`--inits` entry -> init section: a method, optionally with its new rows' scale (`mean:fit`, `focus:0.9`)."""
+    method, _, scale = init.partition(":")
+    settings: dict[str, Any] = {"method": method, "cache_dir": aux_cache if method in AUXILIARY_METHODS else None}
+    if scale:
+        settings["scale"] = scale if scale == "fit" else float(scale)
+    return settings
+
+
 def grid_specs(
     model: str, data: dict[str, str], size: Size, inits: tuple[str, ...] = ("mean",), aux_cache: str | None = None
 ) -> list[tuple[dict[str, Any], AdaptationSpec]]:
@@ -143,7 +153,7 @@ def grid_specs(
                 "train_chars": size.vocab_chars,
                 "priority": point["priority"],
             },
-            init={"method": init, "cache_dir": aux_cache if init in AUXILIARY_METHODS else None},
+            init=init_settings(init, aux_cache),
             cpt=cpt,
             calibration=calibration,
             evaluation={"tasks": ["symbols_per_token"], "limit": 1, "heldout_chars": 1000},
