@@ -3,8 +3,8 @@
 The real LLaMa-3 tokenizer (128,256 tokens) extended with `--new-tokens` target tokens trained on Russian literature,
 random old rows of width `--dim` (no model is loaded: the init only does row arithmetic), the auxiliary space
 trained on `--aux-chars` characters (timed once, then cached: the per-method times exclude it). One JSON line per
-method with its seconds and the process's peak resident memory so far (`--methods focus`: that method's own);
-the ratio is against the first method run in the same process.
+method with its seconds and its peak resident memory (the process's peak from just before the method: the old rows,
+tokenizers and auxiliary space included; Linux); the ratio is against the first method run in the same process.
 
     python bench/init_scale.py [--new-tokens 64000] [--dim 4096] [--vocab-chars 20000000] [--aux-chars 20000000]
 """
@@ -31,7 +31,21 @@ DATA = "../shared/data"
 
 
 def peak_gib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    """The process's peak resident memory since the start or the last `reset_peak()`."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # no /proc: the lifetime peak
+
+
+def reset_peak() -> None:
+    """Linux: start the peak over at the current resident size (clear_refs 5), so each method shows its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
 
 
 def main() -> None:
@@ -83,10 +97,11 @@ def main() -> None:
         ),
         flush=True,
     )
-    rows = torch.randn(old.size, args.dim, generator=torch.Generator().manual_seed(0)) * 0.02
+    rows = torch.randn(old.size, args.dim, generator=torch.Generator().manual_seed(0)).mul_(0.02)
     baseline = None
     for method in args.methods.split(","):
         config = InitConfig(method=method, cache_dir=cache, **({"auxiliary": aux} if method != "mean" else {}))
+        reset_peak()
         started = time.perf_counter()
         result = new_vocab_rows(rows, mapping, old, new, config, 0, space if method != "mean" else None)
         seconds = time.perf_counter() - started
