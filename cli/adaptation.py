@@ -103,7 +103,8 @@ def embed_init(args: argparse.Namespace) -> None:
         **{name: value for name, value in given.items() if value is not None},
     )
     if args.corpus is None and (config.method in AUXILIARY_METHODS or config.resolved_scale == "fit"):
-        raise AdaptationInputError(f"--init {config.method} with scale 'fit' needs --corpus (target-language text)")
+        what = f"--init {config.method}" if config.method in AUXILIARY_METHODS else "--scale fit"
+        raise AdaptationInputError(f"{what} needs --corpus (target-language text)")
     model, old_tokenizer = load_model(args.model)
     new_tokenizer = load_tokenizer(args.tokenizer)
     with atomic_output_dir(args.out) as tmp:
