@@ -4,9 +4,10 @@ Held-out Russian (taiga) and English (EWT) bits per character of the original mo
 with no training at all, and the share of the predicted probability that goes to new tokens on English text (a new
 token should not take probability in source-language contexts). One JSON line per model with the ratio against the
 original measured in the same process, and per method the share of mean's Russian excess over the original it
-removes (`ru_excess_cut_vs_mean`: 1 - (method - original) / (mean - original)). With `--cpt-steps N` every model
+removes (`ru_excess_cut_vs_mean_step0`: 1 - (method - original) / (mean - original)). With `--cpt-steps N` every model
 then gets the same short CPT (N steps of `--cpt-batch` x `--cpt-seq-len` tokens of the corpus, new rows trained,
-as a job trains them after `extended`) and is scored again, with its cut of mean's excess after the same CPT.
+as a job trains them after `extended`) and is scored again, with its cut of mean's excess after the same CPT
+(`ru_excess_cut_vs_mean_after_cpt`).
 
     python bench/init_quality.py [--new-tokens 16000] [--train-chars 10000000] [--aux-chars 20000000]
         [--eval-chars 30000] [--priorities new-first,target-first] [--cpt-steps 0]
@@ -148,8 +149,8 @@ def main() -> None:
                     checkpoint_every=args.cpt_steps,
                     train_rows="new",
                 )
-                out = tempfile.mkdtemp(prefix="init-quality-cpt-")
-                result = run_cpt(candidate, new_tokenizer, corpus, cpt, os.path.join(out, "run"), new_rows=new_ids)
+                with tempfile.TemporaryDirectory(prefix="init-quality-cpt-") as out:
+                    result = run_cpt(candidate, new_tokenizer, corpus, cpt, os.path.join(out, "run"), new_rows=new_ids)
                 trained = f"{variant}+cpt{args.cpt_steps}x{args.cpt_batch}x{args.cpt_seq_len}"
                 row = score(trained, candidate, new_tokenizer, result.seconds, original, new_ids)
                 cut_vs_mean(row, priority, "after_cpt")
