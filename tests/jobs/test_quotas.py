@@ -55,6 +55,14 @@ def _set_limits(sessions, team_id: str, **values: int) -> None:
         session.commit()
 
 
+def _record_artifact(session, job_id: str, name: str, size: int) -> None:
+    """A stored artifact of `size` bytes (its object need not exist: the quota counts rows)."""
+    artifact = Artifact(
+        job_id=job_id, name=name, kind="model", size=size, stored_bytes=size, sha256="0" * 64, storage_key="k"
+    )
+    execution.record_artifacts(session, job_id, [artifact])
+
+
 def _small_body(model_root, corpus: str, **labels: str) -> dict:
     """A job that is only ever queued here (no worker): the cheapest valid request."""
     return {"base_model": str(model_root / "base"), "corpus_file": corpus, "cpt": {"seq_len": 64}, "labels": labels}
@@ -103,21 +111,7 @@ def test_stored_bytes_quota(client, auth, upload, settings, sessions, model_root
 
     with sessions() as session:  # the team's job artifacts count too
         job_id = client.post("/v1/jobs", headers=auth, json=_small_body(model_root, corpus)).json()["id"]
-        execution.record_artifacts(
-            session,
-            job_id,
-            [
-                Artifact(
-                    job_id=job_id,
-                    name="init/x",
-                    kind="model",
-                    size=40,
-                    stored_bytes=40,
-                    sha256="0" * 64,
-                    storage_key="k",
-                )
-            ],
-        )
+        _record_artifact(session, job_id, "init/x", 40)
     usage = client.get("/v1/usage", headers=auth).json()
     assert usage["stored_bytes"] == {"used": 100, "limit": 100, "source": "team"}
     _assert_429(
@@ -186,21 +180,7 @@ def test_usage_reports_use_and_the_source_of_each_limit(client, auth, upload, se
     ]
     with sessions() as session:
         execution.claim_job(session, jobs[0]["id"], "w1", settings)
-        execution.record_artifacts(
-            session,
-            jobs[0]["id"],
-            [
-                Artifact(
-                    job_id=jobs[0]["id"],
-                    name="a/b",
-                    kind="x",
-                    size=1000,
-                    stored_bytes=1000,
-                    sha256="0" * 64,
-                    storage_key="k",
-                )
-            ],
-        )
+        _record_artifact(session, jobs[0]["id"], "a/b", 1000)
     usage = client.get("/v1/usage", headers=auth).json()
     assert usage["running_jobs"] == {"used": 1, "limit": 3, "source": "team"}
     assert usage["queued_jobs"] == {"used": 2, "limit": settings.quota_queued_jobs, "source": "default"}
