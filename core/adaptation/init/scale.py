@@ -35,7 +35,8 @@ class ScaleFit:
 
 
 def head_matrix(model: PreTrainedModel) -> torch.Tensor:
-    """The matrix the output layer reads: the input embeddings of a tied model, else the head."""
+    """The matrix the output layer reads (`output_rows`: the input matrix itself when tied); a model without a head
+    has only its input matrix."""
     head = output_rows(model)
     return input_rows(model) if head is None else head
 
@@ -77,16 +78,18 @@ def fit_scale(
 ) -> ScaleFit:
     """Scale the new rows of `model` (in place) by the factor in BOUNDS with the lowest bits per character on
     `texts`. The forward passes run on the compute device; the model returns to where it was."""
-    matrix = head_matrix(model)
-    unscaled = matrix[new_ids].clone()
-    home = matrix.device
+    unscaled = head_matrix(model)[new_ids].clone()
+    home = unscaled.device
     model.to(compute_device())
     trials = 0
 
+    def write(scale: float) -> None:
+        matrix = head_matrix(model)  # the same parameter, now on the compute device
+        matrix[new_ids] = (unscaled * scale).to(matrix.device)
+
     def score(scale: float) -> float:
         nonlocal trials
-        matrix = head_matrix(model)
-        matrix[new_ids] = (unscaled * scale).to(matrix.device)
+        write(scale)
         result = bits_per_char(model, tokenizer, texts).bits_per_char
         trials += 1
         if progress is not None:
@@ -97,8 +100,7 @@ def fit_scale(
         tried = golden_section(score, *BOUNDS, steps=TRIALS)
         tried[1.0] = score(1.0)
         best = min(tried, key=lambda scale: tried[scale])
-        matrix = head_matrix(model)
-        matrix[new_ids] = (unscaled * best).to(matrix.device)
+        write(best)
     finally:
         model.to(home)  # type: ignore[arg-type]  # transformers wraps `to`; mypy reads the wrapper
     return ScaleFit(scale=best, bits_per_char=tried[best], unscaled_bits_per_char=tried[1.0])
